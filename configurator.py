@@ -1,0 +1,70 @@
+"""
+Poor Man's Configurator, as in nanoGPT. Probably a terrible idea. Example usage:
+$ python train.py config/override_file.py --batch_size=32
+this will first run config/override_file.py, then override batch_size to 32
+
+The code in this file will be run as follows from e.g. train.py:
+>>> exec(open('configurator.py').read())
+
+So it's not a Python module, it's just shuttling this code away from train.py.
+The config keys are train.py's globals of type bool, int, float or str.
+
+Stricter than nanoGPT's: a name a config file or --key=value sets that is not a config key, or a
+value of another type (an int is accepted for a float), stops the script with one line naming
+the key and the closest valid one. Helper names in a config file start with '_'; imported
+modules are ignored.
+"""
+import sys
+import builtins
+import types
+import difflib
+from ast import literal_eval
+
+
+def _configure(config, argv):
+    known = {k: v for k, v in config.items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
+
+    def checked(key, value, where):
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            sys.exit(f"error: unknown config key '{key}' {where}{hint}")
+        want = type(known[key])
+        if want is float and type(value) is int:
+            value = float(value)
+        if type(value) is not want:
+            sys.exit(f"error: config key '{key}' {where} must be {want.__name__}, got {type(value).__name__} {value!r}")
+        return value
+
+    for arg in argv:
+        if '=' not in arg:
+            # assume it's the name of a config file
+            if arg.startswith('--'):
+                sys.exit(f"error: argument '{arg}' has no value: write --key=value")
+            try:
+                with open(arg) as f:
+                    source = f.read()
+            except OSError as e:
+                sys.exit(f"error: cannot read config file '{arg}': {e.strerror}")
+            print(f"Overriding config with {arg}:")
+            print(source)
+            namespace = {k: config[k] for k in known}
+            exec(builtins.compile(source, arg, "exec"), namespace)  # train.py has a `compile` key
+            for key, value in namespace.items():
+                if key.startswith('_') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+                    continue  # helpers, imports, functions
+                config[key] = checked(key, value, f"in {arg}")
+        else:
+            # assume it's a --key=value argument
+            if not arg.startswith('--'):
+                sys.exit(f"error: argument '{arg}' must look like --key=value")
+            key, val = arg[2:].split('=', 1)
+            try:
+                value = literal_eval(val)
+            except (SyntaxError, ValueError):
+                value = val  # a plain string such as --device=cpu
+            config[key] = checked(key, value, "on the command line")
+            print(f"Overriding: {key} = {config[key]}")
+
+
+_configure(globals(), sys.argv[1:])

@@ -1,0 +1,482 @@
+"""
+A GPT language model with optional Mixture-of-Experts (MoE) MLP layers, in one file.
+n_exp == 1 gives the dense GPT-2 of nanoGPT; n_exp > 1 replaces the MLP of every
+`stride`-th block by a top-k routed MoE layer.
+References:
+1) GPT-2, OpenAI: https://github.com/openai/gpt-2/blob/master/src/model.py
+2) nanoGPT, Karpathy: https://github.com/karpathy/nanoGPT
+3) Sparsely-gated MoE, Shazeer et al. 2017: https://arxiv.org/abs/1701.06538
+4) Switch Transformer, Fedus et al. 2021: https://arxiv.org/abs/2101.03961
+5) ST-MoE, Zoph et al. 2022: https://arxiv.org/abs/2202.08906
+
+Shapes in the MoE code: N tokens in the forward call (B*T), C model dim, H expert hidden dim,
+E experts, k experts per token, cap slots per expert. An "assignment" is one (token, choice)
+pair; there are k*N of them, numbered a = j*N + t (choice j of token t).
+"""
+
+import math
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from manager import MANAGER
+
+
+class LayerNorm(nn.Module):
+    """ LayerNorm but with an optional bias. PyTorch doesn't support simply bias=False """
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, input):
+        return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        # key, query, value projections for all heads, but in a batch
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0,
+                                           is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+# -----------------------------------------------------------------------------
+# Mixture of Experts
+
+class Router(nn.Module):
+    """ Picks k experts per token and their gate weights; records the load-balancing losses. """
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.top_k
+        self.n_exp = config.n_exp
+        self.use_aux_loss = config.use_aux_loss
+        self.use_router_z_loss = config.use_router_z_loss
+        self.router_use_full_prec = config.router_use_full_prec
+        self.w_g = nn.Linear(config.n_embd, config.n_exp, bias=False)
+        # noisy top-k gating, Shazeer et al. 2017 eq. (4): learned per-expert noise scale
+        self.w_noise = nn.Linear(config.n_embd, config.n_exp, bias=False) if config.use_noisy_top_k else None
+
+    def forward(self, x):  # x: (N, C)
+        if self.router_use_full_prec:
+            # routing decisions are brittle in low precision (Switch §2.4, selective precision)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return self.route(x.float())
+        return self.route(x)
+
+    def route(self, x):
+        N = x.size(0)
+        logits = self.w_g(x)  # (N, E)
+        if self.w_noise is not None and self.training:  # noise explores in training only
+            logits = logits + F.softplus(self.w_noise(x)) * torch.randn_like(logits)
+        topk_logits, topk_idx = logits.topk(self.top_k, dim=-1)  # (N, k)
+        gates = F.softmax(topk_logits, dim=-1)  # (N, k), softmax over the chosen k only
+        if self.use_aux_loss:
+            # Switch eq. (4)-(6) for top-k: E * sum_e f_e * P_e, f_e the share of the k*N
+            # assignments that chose e (before any dropping), P_e the mean full softmax prob.
+            # Equals 1 at perfect balance. f is a count and carries no gradient.
+            ones = torch.ones(N * self.top_k, dtype=logits.dtype, device=x.device)
+            f = torch.zeros(self.n_exp, dtype=logits.dtype, device=x.device).scatter_add_(0, topk_idx.view(-1), ones)
+            P = F.softmax(logits, dim=-1).mean(dim=0)  # (E,)
+            MANAGER.add_aux_loss(self.n_exp * torch.sum(f / (N * self.top_k) * P))
+        if self.use_router_z_loss:
+            # router z-loss, ST-MoE eq. (5): keeps router logits small
+            MANAGER.add_router_z_loss(torch.logsumexp(logits, dim=-1).pow(2).mean())
+        return gates, topk_idx
+
+
+class MLPExperts(nn.Module):
+    """ E independent GELU MLPs, stored stacked so all experts run as one grouped matmul. """
+
+    def __init__(self, config):
+        super().__init__()
+        C, H, E = config.n_embd, 4 * config.n_embd, config.n_exp
+        self.c_fc = nn.Parameter(torch.empty(E, C, H))
+        self.c_proj = nn.Parameter(torch.empty(E, H, C))
+        self.fc_bias = nn.Parameter(torch.empty(E, 1, H)) if config.bias else None
+        self.proj_bias = nn.Parameter(torch.empty(E, 1, C)) if config.bias else None
+
+    def forward(self, x, offs=None):
+        """
+        offs None: x is (E, cap, C), expert e's tokens in x[e], padded with zeros -> batched matmul.
+        offs given: x is (R, C), expert e's tokens in rows offs[e-1]:offs[e] (offs[-1] is its
+        end), rows past offs[-1] are unused -> grouped matmul, no padding.
+        """
+        if offs is None:
+            h = torch.bmm(x, self.c_fc)  # (E, cap, H)
+            if self.fc_bias is not None:
+                h = h + self.fc_bias.to(h.dtype)
+            h = torch.bmm(F.gelu(h), self.c_proj)  # (E, cap, C)
+            if self.proj_bias is not None:
+                h = h + self.proj_bias.to(h.dtype)
+            return h
+        # torch._grouped_mm: public as F.grouped_mm only in newer torch than some GPU images have.
+        # It does no autocast, so cast to the autocast dtype here.
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        h = torch._grouped_mm(x.to(dtype), self.c_fc.to(dtype), offs=offs)  # (R, H)
+        if self.fc_bias is not None:
+            # expert of each row; unused rows past offs[-1] get E, a zero bias, so that nothing
+            # (their values are undefined) reaches the bias gradients
+            row_expert = torch.searchsorted(offs, torch.arange(x.size(0), device=x.device, dtype=offs.dtype), right=True)
+            h = h + F.pad(self.fc_bias.squeeze(1), (0, 0, 0, 1))[row_expert].to(dtype)
+        h = torch._grouped_mm(F.gelu(h), self.c_proj.to(dtype), offs=offs)  # (R, C)
+        if self.proj_bias is not None:
+            h = h + F.pad(self.proj_bias.squeeze(1), (0, 0, 0, 1))[row_expert].to(dtype)
+        return h
+
+
+def _use_grouped_mm(x):
+    """ Grouped matmul where a kernel exists: CPU eager, and bf16 on Hopper (CUTLASS kernel);
+    elsewhere (CPU under torch.compile, other GPUs and dtypes) the padded batched matmul. """
+    if x.device.type == 'cuda':
+        compute_dtype = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else x.dtype
+        return compute_dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) == (9, 0)
+    return x.device.type == 'cpu' and not torch.compiler.is_compiling()
+
+
+class MOELayer(nn.Module):
+    """ Top-k routed experts with a capacity limit, dispatched by sorting, never by one-hot masks. """
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx  # names the layer in MANAGER's routing stats
+        self.n_exp = config.n_exp
+        self.top_k = config.top_k
+        self.train_capacity = config.train_capacity
+        self.eval_capacity = config.eval_capacity
+        self.min_capacity = config.min_capacity
+        self.router = Router(config)
+        self.experts = MLPExperts(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def capacity(self, N):
+        """ Slots per expert, Switch eq. (3): floor(k * cf * N / E), rounded up to even, at least
+        min_capacity. cf <= 0 means dropless. Never more than N: an expert gets each token once. """
+        cf = self.train_capacity if self.training else self.eval_capacity
+        if cf <= 0:
+            return N
+        cap = math.floor(self.top_k * cf * N / self.n_exp)
+        cap += cap % 2
+        return min(max(cap, self.min_capacity), N)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        N, E, k = B * T, self.n_exp, self.top_k
+        x = x.view(N, C)
+        gates, topk_idx = self.router(x)  # (N, k), (N, k)
+        cap = self.capacity(N)
+
+        # Slot of each assignment within its expert. Numbering assignments a = j*N + t and stably
+        # sorting them by expert fills every expert with all first choices, in token order,
+        # before any second choice; assignments past slot cap are dropped (Switch §2.2).
+        expert_of = topk_idx.t().reshape(-1)  # (k*N,) expert of assignment a
+        order = torch.argsort(expert_of, stable=True)  # (k*N,) assignments grouped by expert
+        ones = torch.ones_like(expert_of)
+        tokens_per_expert = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert_of, ones)  # (E,)
+        first_in_order = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert  # (E,) where e starts in order
+        slot = torch.empty_like(expert_of)
+        slot[order] = torch.arange(k * N, device=x.device) - first_in_order[expert_of[order]]
+        keep = slot < cap  # (k*N,)
+        kept_per_expert = tokens_per_expert.clamp(max=cap)  # (E,)
+
+        # Row of each kept assignment in the experts' input: padded (E, cap, C) for the batched
+        # matmul, or packed by expert with no gaps for the grouped matmul. Dropped ones go to an
+        # extra row past the end, which the experts never see and whose output is zero.
+        if _use_grouped_mm(x):
+            rows, offs = k * N, torch.cumsum(kept_per_expert, 0).to(torch.int32)
+            row = (offs - kept_per_expert)[expert_of] + slot
+        else:
+            rows, offs = E * cap, None
+            row = expert_of * cap + slot
+        row = torch.where(keep, row, rows)  # (k*N,)
+
+        # dispatch: copy each token to its k rows (index_copy's backward is a plain gather)
+        x_in = x.new_zeros(rows + 1, C).index_copy(0, row, x.repeat(k, 1))[:rows]  # (rows, C)
+        if offs is None:
+            x_in = x_in.view(E, cap, C)
+        out = self.experts(x_in, offs).reshape(rows, C)
+        # combine: y_t = sum over t's kept assignments of gate * expert output; dropped add nothing
+        out = torch.cat([out, out.new_zeros(1, C)])  # (rows + 1, C)
+        y = (out[row].view(k, N, C) * gates.t().unsqueeze(-1).to(out.dtype)).sum(dim=0)  # (N, C)
+
+        MANAGER.add_routing_stats(self.layer_idx, tokens_per_expert.detach(),
+                                  1.0 - kept_per_expert.sum().detach() / (k * N))
+        return self.dropout(y.view(B, T, C))
+
+
+# -----------------------------------------------------------------------------
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        use_moe = config.n_exp > 1 and layer_idx % config.stride == 0
+        self.mlp = MOELayer(config, layer_idx) if use_moe else MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2 vocab_size of 50257, padded up to nearest multiple of 64 for efficiency
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
+    # MoE; names and defaults as the earlier nanoMoE so its config files and checkpoints work
+    n_exp: int = 1  # experts per MoE layer; 1 = dense GPT
+    top_k: int = 2  # experts each token is sent to
+    use_aux_loss: bool = False  # Switch load-balancing loss
+    use_router_z_loss: bool = False  # ST-MoE router z-loss
+    use_noisy_top_k: bool = False  # learned gaussian noise on router logits in training (Shazeer 2017)
+    aux_loss_weight: float = 0.01  # Switch's alpha
+    router_z_loss_weight: float = 0.001  # ST-MoE's c_z
+    train_capacity: float = 1.25  # capacity factor in training; <= 0: dropless
+    eval_capacity: float = 2.0  # capacity factor in eval; <= 0: dropless
+    min_capacity: int = 4  # fewest slots per expert whatever the batch
+    stride: int = 2  # every stride-th block (0, stride, 2*stride, ...) is MoE
+    use_switch_tfm_init: bool = False  # truncated normal init scaled by fan-in (Switch §2.2)
+    switch_tfm_init_scale: float = 1.0  # Switch's s; they recommend 0.1
+    router_use_full_prec: bool = False  # router in float32 under autocast
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: pick n_embd a multiple of n_head")
+        if self.n_exp < 1:
+            raise ValueError(f"n_exp={self.n_exp} must be >= 1 (1 = dense GPT)")
+        if self.n_exp > 1:
+            if not 1 <= self.top_k <= self.n_exp:
+                raise ValueError(f"top_k={self.top_k} must be between 1 and n_exp={self.n_exp}")
+            if self.stride < 1:
+                raise ValueError(f"stride={self.stride} must be >= 1 (1 = every block is MoE)")
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None
+        assert config.block_size is not None
+        self.config = config
+
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # https://paperswithcode.com/method/weight-tying
+        self.transformer.wte.weight = self.lm_head.weight
+
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer); Switch init has its own scale
+        if not config.use_switch_tfm_init:
+            for pn, p in self.named_parameters():
+                if pn.endswith('c_proj.weight') or pn.endswith('experts.c_proj'):
+                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def get_num_params(self, non_embedding=True, active=False):
+        """
+        Number of parameters. non_embedding subtracts the position embeddings (the token
+        embeddings are tied to lm_head, so they count). active counts, in each MoE layer,
+        only the top_k of n_exp experts a token uses: the parameters that cost FLOPs.
+        """
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        if active:
+            for m in self.modules():
+                if isinstance(m, MLPExperts):
+                    n_params -= sum(p.numel() for p in m.parameters()) * (m.c_fc.size(0) - self.config.top_k) // m.c_fc.size(0)
+        return n_params
+
+    def _init_weights(self, module):
+        switch = self.config.use_switch_tfm_init
+        if isinstance(module, nn.Linear) and module is not self.lm_head:  # lm_head is tied to wte
+            if switch:
+                _switch_init(module.weight, module.in_features, self.config.switch_tfm_init_scale)
+            else:
+                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, MLPExperts):
+            for w in (module.c_fc, module.c_proj):  # (E, fan_in, fan_out)
+                if switch:
+                    _switch_init(w, w.size(1), self.config.switch_tfm_init_scale)
+                else:
+                    torch.nn.init.normal_(w, mean=0.0, std=0.02)
+            for b in (module.fc_bias, module.proj_bias):
+                if b is not None:
+                    torch.nn.init.zeros_(b)
+
+    def forward(self, idx, targets=None):
+        MANAGER.reset()  # nothing from an earlier step or mode may leak into this one
+        device = idx.device
+        b, t = idx.size()
+        assert t <= self.config.block_size, f"Cannot forward sequence of length {t}, block size is only {self.config.block_size}"
+        pos = torch.arange(0, t, dtype=torch.long, device=device)  # shape (t)
+
+        tok_emb = self.transformer.wte(idx)  # token embeddings of shape (b, t, n_embd)
+        pos_emb = self.transformer.wpe(pos)  # position embeddings of shape (t, n_embd)
+        x = self.transformer.drop(tok_emb + pos_emb)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            # the router losses train the router; in eval the loss is CE alone so that val losses
+            # of dense and MoE models compare
+            if self.training and self.config.n_exp > 1:
+                if self.config.use_aux_loss:
+                    loss = loss + self.config.aux_loss_weight * MANAGER.aggregate_aux_loss()
+                if self.config.use_router_z_loss:
+                    loss = loss + self.config.router_z_loss_weight * MANAGER.aggregate_router_z_loss()
+        else:
+            # inference-time mini-optimization: only forward the lm_head on the very last position
+            logits = self.lm_head(x[:, [-1], :])  # note: using list [-1] to preserve the time dim
+            loss = None
+
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        # model surgery to decrease the block size if necessary
+        # e.g. we may load the GPT2 pretrained model checkpoint (block size 1024)
+        # but want to use a smaller block size for some smaller, simpler model
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @classmethod
+    def from_pretrained(cls, model_type, override_args=None):
+        """ GPT-2 weights from Hugging Face: a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl)
+        or a local directory written by GPT2LMHeadModel.save_pretrained. """
+        override_args = override_args or {}
+        # only dropout can be overridden, see more notes below
+        assert all(k == 'dropout' for k in override_args)
+        from transformers import GPT2LMHeadModel
+        print(f"loading weights from pretrained gpt: {model_type}")
+        model_hf = GPT2LMHeadModel.from_pretrained(model_type)
+        hf = model_hf.config
+        config = GPTConfig(n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, block_size=hf.n_positions,
+                           vocab_size=hf.vocab_size, bias=True, **override_args)
+        model = GPT(config)
+        sd = model.state_dict()
+        sd_hf = {k: v for k, v in model_hf.state_dict().items() if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
+        assert set(sd_hf) == set(sd), f"mismatched keys: {sorted(set(sd_hf) ^ set(sd))}"
+        # OpenAI checkpoints use a "Conv1D" module, so these weights are stored transposed
+        transposed = ['attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight']
+        with torch.no_grad():
+            for k, v in sd_hf.items():
+                if k.endswith(tuple(transposed)):
+                    v = v.t()
+                assert v.shape == sd[k].shape, f"{k}: {v.shape} vs {sd[k].shape}"
+                sd[k].copy_(v)
+        return model
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # weight decay on matmul weights and embeddings (2D and the stacked 3D expert weights);
+        # none on biases (the expert biases are 3D too) and LayerNorm gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        names = {id(p): n for n, p in self.named_parameters()}
+        decay_params = [p for p in params if p.dim() >= 2 and not names[id(p)].endswith('bias')]
+        nodecay_params = [p for p in params if not (p.dim() >= 2 and not names[id(p)].endswith('bias'))]
+        optim_groups = [
+            {'params': decay_params, 'weight_decay': weight_decay},
+            {'params': nodecay_params, 'weight_decay': 0.0}
+        ]
+        num_decay_params = sum(p.numel() for p in decay_params)
+        num_nodecay_params = sum(p.numel() for p in nodecay_params)
+        print(f"num decayed parameter tensors: {len(decay_params)}, with {num_decay_params:,} parameters")
+        print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {num_nodecay_params:,} parameters")
+        # Create AdamW optimizer and use the fused version if it is available
+        fused_available = 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        use_fused = fused_available and device_type == 'cuda'
+        extra_args = dict(fused=True) if use_fused else dict()
+        optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
+        print(f"using fused AdamW: {use_fused}")
+        return optimizer
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
+        """ model flops utilization (MFU), counting the active parameters only (a token runs
+        top_k of n_exp experts), over peak_flops (default: A100 bf16, 312 TFLOPS) """
+        # see PaLM paper Appendix B as ref: https://arxiv.org/abs/2204.02311
+        N = self.get_num_params(active=True)
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * N + 12 * L * H * Q * T
+        flops_per_iter = flops_per_token * T * fwdbwd_per_iter
+        flops_achieved = flops_per_iter * (1.0 / dt)  # per second
+        return flops_achieved / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """
+        Take a conditioning sequence of indices idx (LongTensor of shape (b,t)) and complete
+        the sequence max_new_tokens times, feeding the predictions back into the model each time.
+        Most likely you'll want to make sure to be in model.eval() mode of operation for this.
+        """
+        for _ in range(max_new_tokens):
+            # if the sequence context is growing too long we must crop it at block_size
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float('Inf')
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+def _switch_init(w, fan_in, scale):
+    """ Switch Transformer §2.2: truncated normal, std sqrt(s / fan_in), cut at two std """
+    std = math.sqrt(scale / fan_in)
+    torch.nn.init.trunc_normal_(w, mean=0.0, std=std, a=-2 * std, b=2 * std)

@@ -1,0 +1,249 @@
+"""
+The whole GPT: GPT-2 import, MoE placement, the earlier nanoMoE checkpoint layout, losses,
+MANAGER bookkeeping, init, optimizer groups, generate, torch.compile.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, MLP, MOELayer
+from manager import MANAGER
+
+
+def tiny(**kw):
+    args = dict(block_size=32, vocab_size=64, n_layer=4, n_head=2, n_embd=32, n_exp=4, top_k=2,
+                use_aux_loss=True, use_router_z_loss=True)
+    args.update(kw)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**args))
+
+
+def batch(B=3, T=16, vocab=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (B, T), generator=g), torch.randint(0, vocab, (B, T), generator=g)
+
+
+def test_dense_matches_huggingface_gpt2_from_local_dir(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    # exact GELU, as nanoGPT's MLP; GPT-2's checkpoints use the tanh approximation (gelu_new)
+    hf_config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=48, vocab_size=97,
+                           activation_function='gelu', resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = GPT2LMHeadModel(hf_config).eval()
+    hf.save_pretrained(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    assert model.config.block_size == 48 and model.config.vocab_size == 97 and model.config.n_exp == 1
+    idx, targets = batch(B=2, T=20, vocab=97)
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
+        hf_out = hf(idx, labels=idx)
+    torch.testing.assert_close(logits, hf_out.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, F.cross_entropy(hf_out.logits.view(-1, 97), targets.view(-1)))
+
+
+def test_from_pretrained_overrides_dropout(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=50)).save_pretrained(tmp_path)
+    assert GPT.from_pretrained(str(tmp_path), dict(dropout=0.1)).config.dropout == 0.1
+
+
+@pytest.mark.parametrize('n_layer,n_exp,stride,moe_blocks', [
+    (5, 4, 2, [0, 2, 4]),
+    (4, 4, 1, [0, 1, 2, 3]),
+    (6, 4, 3, [0, 3]),
+    (4, 1, 2, []),
+])
+def test_moe_placement_by_stride(n_layer, n_exp, stride, moe_blocks):
+    model = tiny(n_layer=n_layer, n_exp=n_exp, stride=stride)
+    placed = [i for i, b in enumerate(model.transformer.h) if isinstance(b.mlp, MOELayer)]
+    assert placed == moe_blocks
+    assert all(isinstance(b.mlp, MLP) for i, b in enumerate(model.transformer.h) if i not in moe_blocks)
+
+
+def earlier_nanomoe_state_dict(n_layer, C, E, vocab, block_size, noisy):
+    """ the parameter names and shapes of the earlier nanoMoE, written out by hand """
+    H = 4 * C
+    sd = {'transformer.wte.weight': (vocab, C), 'transformer.wpe.weight': (block_size, C),
+          'transformer.ln_f.weight': (C,), 'transformer.ln_f.bias': (C,), 'lm_head.weight': (vocab, C)}
+    for i in range(n_layer):
+        p = f'transformer.h.{i}.'
+        sd.update({p + 'ln_1.weight': (C,), p + 'ln_1.bias': (C,), p + 'ln_2.weight': (C,), p + 'ln_2.bias': (C,),
+                   p + 'attn.c_attn.weight': (3 * C, C), p + 'attn.c_attn.bias': (3 * C,),
+                   p + 'attn.c_proj.weight': (C, C), p + 'attn.c_proj.bias': (C,)})
+        if i % 2 == 0:
+            sd.update({p + 'mlp.router.w_g.weight': (E, C), p + 'mlp.experts.c_fc': (E, C, H),
+                       p + 'mlp.experts.c_proj': (E, H, C), p + 'mlp.experts.fc_bias': (E, 1, H),
+                       p + 'mlp.experts.proj_bias': (E, 1, C)})
+            if noisy:
+                sd[p + 'mlp.router.w_noise.weight'] = (E, C)
+        else:
+            sd.update({p + 'mlp.c_fc.weight': (H, C), p + 'mlp.c_fc.bias': (H,),
+                       p + 'mlp.c_proj.weight': (C, H), p + 'mlp.c_proj.bias': (C,)})
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(shape, generator=g) for k, shape in sd.items()}
+    sd['lm_head.weight'] = sd['transformer.wte.weight']  # tied
+    return sd
+
+
+@pytest.mark.parametrize('noisy', [False, True])
+def test_earlier_nanomoe_checkpoint_loads_unchanged(noisy):
+    model = tiny(n_layer=4, n_exp=4, use_noisy_top_k=noisy)
+    sd = earlier_nanomoe_state_dict(4, 32, 4, 64, 32, noisy)
+    model.load_state_dict(sd, strict=True)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, sd[k], atol=0, rtol=0)
+    logits, loss = model(*batch())
+    assert torch.isfinite(loss)
+
+
+def test_train_loss_adds_router_losses_and_eval_loss_is_ce_alone():
+    model = tiny(aux_loss_weight=0.5, router_z_loss_weight=0.25)
+    idx, targets = batch()
+    model.train()
+    logits, loss = model(idx, targets)
+    ce = F.cross_entropy(logits.view(-1, 64), targets.view(-1))
+    assert len(MANAGER.aux_loss) == len(MANAGER.router_z_loss) == 2  # blocks 0 and 2
+    expected = ce + 0.5 * (MANAGER.aux_loss[0] + MANAGER.aux_loss[1]) + 0.25 * (MANAGER.router_z_loss[0] + MANAGER.router_z_loss[1])
+    torch.testing.assert_close(loss, expected)
+    assert loss.item() > ce.item() + 0.5  # the aux losses are near 1 each: really added
+    model.eval()
+    logits, loss = model(idx, targets)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 64), targets.view(-1)))
+
+
+def test_router_losses_only_when_enabled():
+    model = tiny(use_aux_loss=False, use_router_z_loss=True)
+    idx, targets = batch()
+    logits, loss = model(idx, targets)
+    ce = F.cross_entropy(logits.view(-1, 64), targets.view(-1))
+    assert MANAGER.aux_loss == []
+    torch.testing.assert_close(loss, ce + 0.001 * sum(MANAGER.router_z_loss))
+
+
+def test_manager_is_reset_every_forward():
+    model = tiny()
+    idx, targets = batch()
+    for mode in ('train', 'train', 'eval'):
+        getattr(model, mode)()
+        model(idx, targets)
+        assert len(MANAGER.aux_loss) == 2 and len(MANAGER.router_z_loss) == 2
+        assert sorted(MANAGER.routing) == [0, 2]
+        tokens_per_expert, dropped = MANAGER.routing[0]
+        assert not tokens_per_expert.requires_grad and tokens_per_expert.sum().item() == 3 * 16 * 2
+        assert 0.0 <= dropped.item() < 1.0
+    dense = tiny(n_exp=1)
+    dense(idx, targets)
+    assert MANAGER.aux_loss == [] and MANAGER.routing == {}
+
+
+def test_moe_model_trains():
+    model = tiny(dropout=0.0)
+    opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), 'cpu')
+    idx, targets = batch(B=4, T=16)
+    losses = []
+    for _ in range(30):
+        _, loss = model(idx, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+    assert model.transformer.h[0].mlp.router.w_g.weight.grad.abs().sum() > 0
+
+
+def test_switch_init_is_truncated_normal_scaled_by_fan_in():
+    model = tiny(n_embd=64, n_exp=8, use_switch_tfm_init=True, switch_tfm_init_scale=0.1)
+    experts = model.transformer.h[0].mlp.experts
+    for w, fan_in in [(experts.c_fc, 64), (experts.c_proj, 256), (model.transformer.h[1].mlp.c_fc.weight, 64),
+                      (model.transformer.h[0].attn.c_attn.weight, 64), (model.transformer.h[0].mlp.router.w_g.weight, 64)]:
+        std = math.sqrt(0.1 / fan_in)
+        assert w.abs().max().item() <= 2 * std + 1e-7
+        # a normal cut at 2 std has std 0.880 of the uncut one
+        assert w.std().item() == pytest.approx(0.880 * std, rel=0.1)
+    assert experts.fc_bias.abs().sum() == 0
+
+
+def test_gpt2_init_scales_residual_projections_including_experts():
+    model = tiny(n_layer=8, n_embd=64, n_exp=8)
+    expected = 0.02 / math.sqrt(2 * 8)
+    assert model.transformer.h[0].mlp.experts.c_proj.std().item() == pytest.approx(expected, rel=0.05)
+    assert model.transformer.h[1].mlp.c_proj.weight.std().item() == pytest.approx(expected, rel=0.05)
+    assert model.transformer.h[0].mlp.experts.c_fc.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_optimizer_decays_weights_not_biases():
+    model = tiny()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    decay, nodecay = ({id(p) for p in g['params']} for g in opt.param_groups)
+    experts = model.transformer.h[0].mlp.experts
+    assert id(experts.c_fc) in decay and id(experts.c_proj) in decay
+    assert id(experts.fc_bias) in nodecay and id(experts.proj_bias) in nodecay
+    assert id(model.transformer.ln_f.weight) in nodecay
+    assert len(decay) + len(nodecay) == len(list(model.parameters()))
+
+
+def test_active_params_count_top_k_of_n_exp_experts():
+    model = tiny(n_layer=2, n_embd=32, n_exp=4, top_k=1)
+    C, H, E = 32, 128, 4
+    expert_params = E * (C * H + H * C + H + C)
+    total = model.get_num_params()
+    assert model.get_num_params(active=True) == total - expert_params * 3 // 4
+    dense = tiny(n_layer=2, n_exp=1)
+    assert dense.get_num_params(active=True) == dense.get_num_params()
+
+
+def test_generate_greedy_matches_argmax_loop_and_crops_context():
+    model = tiny(block_size=8).eval()
+    idx = torch.randint(0, 64, (2, 5))
+    out = model.generate(idx, max_new_tokens=10, top_k=1)
+    assert out.shape == (2, 15) and torch.equal(out[:, :5], idx)
+    expected = idx
+    with torch.no_grad():
+        for _ in range(10):
+            logits, _ = model(expected[:, -8:])
+            expected = torch.cat([expected, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, expected)
+
+
+def test_crop_block_size():
+    model = tiny(block_size=32)
+    model.crop_block_size(16)
+    assert model.transformer.wpe.weight.shape == (16, 32)
+    model(torch.randint(0, 64, (1, 16)))
+
+
+@pytest.mark.parametrize('kw,message', [
+    (dict(n_embd=30, n_head=4), 'n_embd=30 is not divisible by n_head=4'),
+    (dict(n_exp=4, top_k=5), 'top_k=5 must be between 1 and n_exp=4'),
+    (dict(n_exp=4, top_k=0), 'top_k=0 must be between 1 and n_exp=4'),
+    (dict(n_exp=4, stride=0), 'stride=0 must be >= 1'),
+    (dict(n_exp=0), 'n_exp=0 must be >= 1'),
+])
+def test_config_rejects_impossible_settings(kw, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**kw)
+
+
+def test_compiled_moe_model_has_no_graph_breaks_or_recompiles():
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = tiny(use_noisy_top_k=True)
+    idx, targets = batch()
+    explanation = torch._dynamo.explain(model)(idx, targets)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend='aot_eager')
+    from torch._dynamo.utils import counters
+    counters.clear()
+    model.eval()
+    eager_logits, eager_loss = model(idx, targets)
+    logits, loss = compiled(idx, targets)
+    torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-5)
+    model.train()
+    for seed in range(3):  # new data, same shapes: no recompiles
+        _, loss = compiled(*batch(seed=seed))
+        loss.backward()
+    assert counters['stats']['unique_graphs'] == 2  # one graph for eval, one for train
+    assert len(MANAGER.aux_loss) == 2  # the side effects of the compiled forward reach MANAGER

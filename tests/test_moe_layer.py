@@ -1,0 +1,265 @@
+"""
+The MoE layer against a slow, obviously-correct reference written token by token from the
+papers: outputs, gradients, the aux and z losses, capacity and dropping.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+from model import GPTConfig, MOELayer
+from manager import MANAGER
+
+
+def reference_moe(x, w_g, c_fc, c_proj, fc_bias, proj_bias, k, cap, noise=None, w_noise=None):
+    """ Per-token loops. x (N, C). cap None = dropless. Returns y, aux, z, number dropped. """
+    N, E = x.size(0), w_g.size(0)
+    logits = x @ w_g.t()
+    if noise is not None:  # Shazeer et al. 2017 eq. (4)
+        logits = logits + F.softplus(x @ w_noise.t()) * noise
+    choices, gates = [], []
+    for t in range(N):
+        ranked = sorted(range(E), key=lambda e: -logits[t, e].item())[:k]
+        choices.append(ranked)
+        gates.append(torch.softmax(torch.stack([logits[t, e] for e in ranked]), 0))
+    # fill slots: every token's 1st choice in token order, then every 2nd choice, ...
+    used, kept = [0] * E, {}
+    for j in range(k):
+        for t in range(N):
+            e = choices[t][j]
+            kept[t, j] = cap is None or used[e] < cap
+            used[e] += kept[t, j]
+    rows = []
+    for t in range(N):
+        y_t = torch.zeros(x.size(1))
+        for j in range(k):
+            if kept[t, j]:
+                e = choices[t][j]
+                h = x[t] @ c_fc[e] + (fc_bias[e, 0] if fc_bias is not None else 0)
+                out = F.gelu(h) @ c_proj[e] + (proj_bias[e, 0] if proj_bias is not None else 0)
+                y_t = y_t + gates[t][j] * out
+        rows.append(y_t)
+    y = torch.stack(rows)
+    # Switch eq. (4)-(6) for top-k: f over the k*N assignments before dropping, P full softmax
+    probs = torch.softmax(logits, dim=-1)
+    aux = 0
+    for e in range(E):
+        f_e = sum(choices[t][j] == e for t in range(N) for j in range(k)) / (N * k)
+        P_e = sum(probs[t, e] for t in range(N)) / N
+        aux = aux + f_e * P_e
+    aux = E * aux
+    z = sum(torch.logsumexp(logits[t], 0) ** 2 for t in range(N)) / N  # ST-MoE eq. (5)
+    dropped = sum(not v for v in kept.values())
+    return y, aux, z, dropped
+
+
+def make_layer(seed=0, **kw):
+    args = dict(n_embd=16, n_head=2, n_exp=4, top_k=2, use_aux_loss=True, use_router_z_loss=True)
+    args.update(kw)
+    config = GPTConfig(**args)
+    torch.manual_seed(seed)
+    layer = MOELayer(config, layer_idx=0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+    return layer
+
+
+def skewed_input(seed=0, B=2, T=12, C=16, layer=None):
+    """ tokens that prefer expert 0, so that capacity limits bite """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, C, generator=g)
+    w0 = layer.router.w_g.weight[0].detach()
+    return x + 0.8 * w0 / w0.norm()
+
+
+def run_both(layer, x, train=True, noise_seed=None):
+    layer.train(train)
+    layer.zero_grad(set_to_none=True)
+    N = x.size(0) * x.size(1)
+    xs = x.clone().requires_grad_(True)
+    if noise_seed is not None:
+        torch.manual_seed(noise_seed)
+    MANAGER.reset()
+    y = layer(xs)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    (y * g).sum().backward()
+    fast = dict(y=y.detach(), aux=MANAGER.aux_loss[0].detach(), z=MANAGER.router_z_loss[0].detach(),
+                dropped=MANAGER.routing[0][1].item() * N * layer.top_k, dx=xs.grad,
+                grads={n: p.grad for n, p in layer.named_parameters()})
+
+    ref_params = {n: p.detach().clone().requires_grad_(True) for n, p in layer.named_parameters()}
+    xr = x.clone().view(N, -1).requires_grad_(True)
+    noise = None
+    if noise_seed is not None and train:
+        torch.manual_seed(noise_seed)
+        noise = torch.randn(N, layer.n_exp)
+    cf = layer.train_capacity if train else layer.eval_capacity
+    cap = None  # dropless
+    if cf > 0:  # Switch eq. (3), rounded up to even, at least min_capacity
+        cap = math.floor(layer.top_k * cf * N / layer.n_exp)
+        cap = max(cap + cap % 2, layer.min_capacity)
+    yr, aux, z, dropped = reference_moe(
+        xr, ref_params['router.w_g.weight'], ref_params['experts.c_fc'], ref_params['experts.c_proj'],
+        ref_params.get('experts.fc_bias'), ref_params.get('experts.proj_bias'), layer.top_k, cap,
+        noise=noise, w_noise=ref_params.get('router.w_noise.weight'))
+    (yr * g.view(N, -1)).sum().backward()
+    ref = dict(y=yr.detach().view_as(x), aux=aux.detach(), z=z.detach(), dropped=dropped, dx=xr.grad.view_as(x),
+               grads={n: p.grad for n, p in ref_params.items()})
+    return fast, ref
+
+
+CASES = {
+    'dropless': dict(train_capacity=0.0),
+    'capacity_1.25': dict(train_capacity=1.25),
+    'tight_capacity_drops': dict(train_capacity=0.5, min_capacity=1),
+    'top1': dict(top_k=1, train_capacity=1.0, min_capacity=1),
+    'top3': dict(top_k=3, train_capacity=1.0, min_capacity=1),
+    'no_bias': dict(bias=False, train_capacity=0.75, min_capacity=1),
+}
+
+
+@pytest.fixture(params=['grouped_mm', 'padded_bmm'])
+def expert_path(request, monkeypatch):
+    """ both ways of running the experts must give the same answers """
+    if request.param == 'padded_bmm':
+        monkeypatch.setattr(model, '_use_grouped_mm', lambda x: False)
+    return request.param
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_layer_matches_reference(case, expert_path):
+    layer = make_layer(**CASES[case])
+    x = skewed_input(layer=layer)
+    fast, ref = run_both(layer, x)
+    if case == 'dropless':
+        assert ref['dropped'] == 0
+    if case in ('tight_capacity_drops', 'top1', 'top3', 'no_bias'):
+        assert ref['dropped'] > 0, "the case is meant to drop assignments"
+    assert fast['dropped'] == pytest.approx(ref['dropped'])
+    torch.testing.assert_close(fast['y'], ref['y'], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast['aux'], ref['aux'], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fast['z'], ref['z'], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast['dx'], ref['dx'], atol=1e-5, rtol=1e-4)
+    assert set(fast['grads']) == set(ref['grads'])
+    for name in ref['grads']:
+        torch.testing.assert_close(fast['grads'][name], ref['grads'][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_eval_uses_eval_capacity(expert_path):
+    layer = make_layer(train_capacity=0.0, eval_capacity=0.5, min_capacity=1)
+    x = skewed_input(layer=layer)
+    fast, ref = run_both(layer, x, train=False)
+    assert ref['dropped'] > 0
+    assert fast['dropped'] == pytest.approx(ref['dropped'])
+    torch.testing.assert_close(fast['y'], ref['y'], atol=1e-5, rtol=1e-4)
+    fast_train, ref_train = run_both(layer, x, train=True)
+    assert fast_train['dropped'] == ref_train['dropped'] == 0
+
+
+def test_noisy_top_k_matches_reference_in_training(expert_path):
+    layer = make_layer(use_noisy_top_k=True, train_capacity=1.25)
+    x = skewed_input(layer=layer)
+    fast, ref = run_both(layer, x, train=True, noise_seed=123)
+    torch.testing.assert_close(fast['y'], ref['y'], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast['z'], ref['z'], atol=1e-5, rtol=1e-5)
+    for name in ref['grads']:
+        torch.testing.assert_close(fast['grads'][name], ref['grads'][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_noisy_top_k_adds_no_noise_in_eval():
+    layer = make_layer(use_noisy_top_k=True, eval_capacity=0.0).eval()
+    x = skewed_input(layer=layer)
+    with torch.no_grad():
+        y1, y2 = layer(x), layer(x)
+    torch.testing.assert_close(y1, y2, atol=0, rtol=0)
+    fast, ref = run_both(layer, x, train=False)  # the reference without noise
+    torch.testing.assert_close(fast['y'], ref['y'], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('N,E,k,cf,min_cap,expected', [
+    (24, 4, 2, 1.25, 4, 16),   # floor(15) -> 15 -> even 16
+    (24, 4, 2, 0.5, 4, 6),     # floor(6) = 6
+    (24, 4, 2, 0.5, 8, 8),     # min_capacity wins
+    (30, 4, 1, 1.0, 1, 8),     # floor(7.5) = 7 -> even 8
+    (10, 2, 2, 4.0, 4, 10),    # 40 slots asked, but an expert sees each of 10 tokens at most once
+    (24, 4, 2, 0.0, 4, 24),    # dropless: room for every token
+    (24, 4, 2, -1.0, 4, 24),
+])
+def test_capacity_formula(N, E, k, cf, min_cap, expected):
+    layer = make_layer(n_exp=E, top_k=k, train_capacity=cf, min_capacity=min_cap)
+    assert layer.capacity(N) == expected
+
+
+def test_capacity_drops_second_choices_first():
+    # every token prefers expert 0 then expert 1, 2 slots each: the 2nd choices of tokens 0 and 1
+    # are kept by expert 1 only because first choices fill first, in token order
+    layer = make_layer(n_exp=4, top_k=2, train_capacity=0.25, min_capacity=2)  # cap = max(floor(1), 2) = 2
+    with torch.no_grad():
+        layer.router.w_g.weight.zero_()
+        layer.router.w_g.weight[0, 0] = 2.0
+        layer.router.w_g.weight[1, 0] = 1.0
+    x = torch.zeros(1, 6, 16)
+    x[0, :, 0] = 1.0
+    x[0, :, 1:] = torch.randn(6, 15)
+    MANAGER.reset()
+    layer.train()
+    y = layer(x)
+    tokens_per_expert, dropped = MANAGER.routing[0]
+    assert tokens_per_expert.tolist() == [6, 6, 0, 0]
+    assert dropped.item() == pytest.approx(8 / 12)
+    # tokens 2..5 lost both choices: the residual alone carries them
+    assert torch.all(y[0, 2:] == 0)
+    assert torch.all(y[0, :2].abs().sum(-1) > 0)
+
+
+def test_aux_loss_is_one_at_perfect_balance_and_z_loss_by_hand():
+    layer = make_layer(n_exp=4, top_k=2)
+    with torch.no_grad():
+        layer.router.w_g.weight.zero_()  # uniform router: P_e = 1/E whatever f is
+    MANAGER.reset()
+    layer(torch.randn(2, 8, 16))
+    assert MANAGER.aux_loss[0].item() == pytest.approx(1.0, abs=1e-6)
+    assert MANAGER.router_z_loss[0].item() == pytest.approx(math.log(4) ** 2, abs=1e-5)
+
+
+def test_aux_loss_grows_with_imbalance():
+    layer = make_layer(n_exp=4, top_k=1)
+    x = skewed_input(layer=layer)
+    with torch.no_grad():
+        layer.router.w_g.weight[0] *= 10  # nearly all tokens to expert 0
+    MANAGER.reset()
+    layer(x)
+    assert MANAGER.aux_loss[0].item() > 1.5  # 1 when balanced, at most E = 4
+
+
+def test_router_full_precision_under_autocast():
+    x = torch.randn(2, 8, 16)
+    ref_layer = make_layer(router_use_full_prec=False)
+    MANAGER.reset()
+    ref_layer(x)
+    z_fp32 = MANAGER.router_z_loss[0].detach()
+    for full_prec in (True, False):
+        layer = make_layer(router_use_full_prec=full_prec)
+        MANAGER.reset()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            layer(x)
+        z = MANAGER.router_z_loss[0].detach()
+        if full_prec:
+            assert z.dtype == torch.float32
+            torch.testing.assert_close(z, z_fp32, atol=1e-6, rtol=1e-6)
+        else:
+            assert (z.float() - z_fp32).abs() > 1e-4  # bf16 router logits: the switch matters
+
+
+def test_layer_under_autocast_runs_in_bf16_on_both_paths(expert_path):
+    layer = make_layer(train_capacity=1.25)
+    x = skewed_input(layer=layer)
+    with torch.no_grad():
+        y32 = layer(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y16 = layer(x)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, atol=0.1, rtol=0.05)
