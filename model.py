@@ -476,6 +476,29 @@ class GPT(nn.Module):
         return idx
 
 
+def load_checkpoint(path, device):
+    """ A checkpoint written by train.py, or a one-line error (ValueError) for a missing,
+    truncated or foreign file, instead of a pickle traceback. """
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except FileNotFoundError:
+        raise ValueError(f"no checkpoint at {path}: train first, or point --out_dir at a run's directory")
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {type(e).__name__}")
+    if not isinstance(checkpoint, dict) or not {'model', 'model_args'} <= set(checkpoint):
+        raise ValueError(f"{path} is not a nanoMoE checkpoint (it has no 'model' and 'model_args')")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint):
+    """ The GPT a train.py checkpoint describes, with its weights. """
+    model = GPT(GPTConfig(**checkpoint['model_args']))
+    # torch.compile'd models save their parameters under an '_orig_mod.' prefix
+    state_dict = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
+    model.load_state_dict(state_dict)
+    return model
+
+
 def _switch_init(w, fan_in, scale):
     """ Switch Transformer §2.2: truncated normal, std sqrt(s / fan_in), cut at two std """
     std = math.sqrt(scale / fan_in)
