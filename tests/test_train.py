@@ -1,0 +1,118 @@
+"""
+train.py end to end, run as a user runs it: a subprocess in a directory holding data/<dataset>/.
+"""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.join(ROOT, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
+
+TINY = ['--dataset=shakespeare_char', '--device=cpu', '--compile=False', '--eval_iters=2', '--log_interval=1',
+        '--block_size=32', '--batch_size=4', '--n_layer=2', '--n_head=2', '--n_embd=32', '--warmup_iters=2',
+        '--learning_rate=3e-3', '--lr_decay_iters=40']
+MOE = ['--n_exp=4', '--top_k=2', '--use_aux_loss=True', '--use_router_z_loss=True']
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    """ a directory with data/shakespeare_char/ as nanoGPT's char-level prepare writes it """
+    work = tmp_path_factory.mktemp('work')
+    data_dir = work / 'data' / 'shakespeare_char'
+    data_dir.mkdir(parents=True)
+    text = open(SHAKESPEARE).read()
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    n = int(0.9 * len(ids))
+    ids[:n].tofile(data_dir / 'train.bin')
+    ids[n:].tofile(data_dir / 'val.bin')
+    with open(data_dir / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': len(chars), 'itos': dict(enumerate(chars)), 'stoi': stoi}, f)
+    return work
+
+
+def train(cwd, *args, launcher=None, check=True):
+    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, 'train.py'), *args]
+    # one thread per process: tiny models gain nothing from more, and a busy machine
+    # oversubscribed by OpenMP threads slows down many times over
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+    if check:
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+def logged(out_dir, key='loss'):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [(r['iter'], r[key]) for r in map(json.loads, f) if key in r]
+
+
+def test_moe_training_lowers_loss_and_checkpoints_every_moe_key(workdir):
+    out = workdir / 'out-moe'
+    p = train(workdir, *TINY, *MOE, f'--out_dir={out}', '--max_iters=40', '--eval_interval=40')
+    evals = logged(out, 'val_loss')
+    assert evals[0][0] == 0 and evals[-1][0] == 40
+    assert evals[-1][1] < evals[0][1] - 0.5  # from ~4.17 (ln 65) down
+    assert 'aux 1.0' in p.stdout and 'drop' in p.stdout and 'tok/s' in p.stdout
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    assert ckpt['iter_num'] == 40
+    from model import GPTConfig
+    from dataclasses import fields
+    assert set(ckpt['model_args']) == {f.name for f in fields(GPTConfig)}
+    assert ckpt['model_args']['n_exp'] == 4 and ckpt['model_args']['use_aux_loss'] is True
+    routing = [r['routing'] for r in map(json.loads, open(out / 'log.jsonl')) if 'routing' in r]
+    assert len(routing) == 41 and set(routing[0]) == {'0'}  # block 0 of 2 is MoE
+    shares, dropped = routing[-1]['0']
+    assert len(shares) == 4 and abs(sum(shares) - 1) < 1e-5 and 0 <= dropped < 1
+
+
+def test_resume_continues_from_saved_iteration_with_saved_model(workdir):
+    out = workdir / 'out-resume'
+    train(workdir, *TINY, *MOE, f'--out_dir={out}', '--max_iters=10', '--eval_interval=10')
+    # model keys on the command line are ignored on resume: the checkpoint's model is used
+    p = train(workdir, *TINY, '--n_exp=1', f'--out_dir={out}', '--max_iters=12', '--eval_interval=10', '--init_from=resume')
+    assert 'Resuming training from' in p.stdout
+    iters = [i for i, _ in logged(out)]
+    assert iters == list(range(11)) + [10, 11, 12]
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    assert ckpt['model_args']['n_exp'] == 4
+
+
+def test_resume_is_exact(workdir):
+    # dropout and router noise on: every random draw must replay
+    args = [*TINY, *MOE, '--use_noisy_top_k=True', '--dropout=0.1', '--gradient_accumulation_steps=2',
+            '--eval_interval=8', '--always_save_checkpoint=True']
+    straight, split = workdir / 'out-straight', workdir / 'out-split'
+    train(workdir, *args, f'--out_dir={straight}', '--max_iters=16')
+    train(workdir, *args, f'--out_dir={split}', '--max_iters=8')
+    train(workdir, *args, f'--out_dir={split}', '--max_iters=16', '--init_from=resume')
+    reference = dict(logged(straight))
+    resumed = logged(split)[9:]  # iterations 8..16 of the resumed run
+    assert [i for i, _ in resumed] == list(range(8, 17))
+    for i, loss in resumed:
+        assert loss == reference[i], f"iter {i}: {loss} != {reference[i]}"  # bit for bit
+    final = [torch.load(d / 'ckpt.pt', weights_only=False) for d in (straight, split)]
+    for k, v in final[0]['model'].items():
+        assert torch.equal(v, final[1]['model'][k]), k
+
+
+@pytest.mark.parametrize('moe', [False, True], ids=['dense', 'moe'])
+def test_ddp_two_processes_match_one_process(workdir, moe):
+    """ torchrun on 2 CPU processes (gloo) with accumulation 2 per process = 1 process with 4 """
+    args = [*TINY, *(MOE if moe else []), '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=3']
+    ddp, single = workdir / f'out-ddp-{moe}', workdir / f'out-single-{moe}'
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    p = train(workdir, *args, f'--out_dir={ddp}', launcher=torchrun)
+    assert p.stdout.count('saving checkpoint') == 1  # only rank 0 writes
+    train(workdir, *args, f'--out_dir={single}')
+    a = torch.load(ddp / 'ckpt.pt', weights_only=False)['model']
+    b = torch.load(single / 'ckpt.pt', weights_only=False)['model']
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)

@@ -1,0 +1,436 @@
+"""
+This training script can be run both on a single gpu or cpu in debug mode,
+and also in a larger training run with distributed data parallel (ddp).
+
+To run on a single GPU (or CPU, or Apple silicon; the device is picked automatically), example:
+$ python train.py config/train_shakespeare_char_moe.py
+
+To run with DDP on 4 gpus on 1 node, example:
+$ torchrun --standalone --nproc_per_node=4 train.py config/train_nano_moe.py
+
+To run with DDP on 4 gpus across 2 nodes, example:
+- Run on the first (master) node with example IP 123.456.123.456:
+$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 --master_port=1234 train.py
+- Run on the worker node:
+$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 --master_port=1234 train.py
+(If your cluster does not have Infiniband interconnect prepend NCCL_IB_DISABLE=1)
+"""
+
+import os
+import sys
+import json
+import math
+import time
+import pickle
+import subprocess
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed import init_process_group, destroy_process_group
+
+from model import GPTConfig, GPT, load_checkpoint, model_from_checkpoint
+from manager import MANAGER
+
+# -----------------------------------------------------------------------------
+# default config values designed to train a gpt2 (124M) on OpenWebText
+# I/O
+out_dir = 'out'  # checkpoint, log.jsonl and run.json go here
+eval_interval = 2000  # iterations between evaluations (and checkpoints)
+log_interval = 1  # iterations between log lines
+eval_iters = 200  # batches per split in each evaluation
+eval_only = False  # if True, script exits right after the first eval
+always_save_checkpoint = True  # if True, always save a checkpoint after each eval
+init_from = 'scratch'  # 'scratch' or 'resume' or 'gpt2*'
+# wandb logging
+wandb_log = False  # disabled by default
+wandb_project = 'owt'
+wandb_run_name = 'gpt2'  # 'run' + str(time.time())
+# data
+dataset = 'openwebtext'  # reads data/<dataset>/train.bin, val.bin (and meta.pkl if there)
+gradient_accumulation_steps = 5 * 8  # used to simulate larger batch sizes; divided by the world size
+batch_size = 12  # micro-batch size, sequences per forward
+block_size = 1024  # context length, tokens
+seed = 1337  # batches, dropout and router noise are functions of (seed, iteration, rank)
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
+bias = False  # do we use bias inside LayerNorm and Linear layers?
+# MoE (see GPTConfig in model.py)
+n_exp = 1  # experts per MoE layer; 1 = dense GPT
+top_k = 2  # experts per token
+use_aux_loss = False  # Switch load-balancing loss
+use_router_z_loss = False  # ST-MoE router z-loss
+use_noisy_top_k = False  # learned noise on router logits, training only
+aux_loss_weight = 0.01
+router_z_loss_weight = 0.001
+train_capacity = 1.25  # capacity factor in training; <= 0: dropless
+eval_capacity = 2.0  # capacity factor in eval; <= 0: dropless
+min_capacity = 4  # fewest slots per expert
+stride = 2  # every stride-th block is MoE
+use_switch_tfm_init = False  # truncated normal init scaled by fan-in
+switch_tfm_init_scale = 1.0
+router_use_full_prec = False  # router in float32 under autocast
+# adamw optimizer
+learning_rate = 6e-4  # max learning rate
+max_iters = 600000  # total number of training iterations
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip gradients at this value, or disable if == 0.0
+# learning rate decay settings
+decay_lr = True  # whether to decay the learning rate
+warmup_iters = 2000  # how many steps to warm up for
+lr_decay_iters = 600000  # should be ~= max_iters per Chinchilla
+min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
+# DDP settings
+backend = ''  # '' picks: 'nccl' on CUDA, 'gloo' on CPU
+# system
+device = ''  # '' picks: cuda if there, else mps, else cpu. Or 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = ''  # '' picks: bfloat16 where CUDA supports it, else float16 (GradScaler) on CUDA, float32 elsewhere
+compile = torch.cuda.is_available()  # use PyTorch 2.0 to compile the model to be faster (pays off on CUDA)
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+model_keys = [f.name for f in fields(GPTConfig) if f.name in globals()]  # all but vocab_size, which the data sets
+moe_defaults = {k: globals()[k] for k in model_keys[model_keys.index('n_exp') + 1:]}  # GPTConfig lists the MoE keys after n_exp
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())  # overrides from command line or config file
+config = {k: globals()[k] for k in config_keys}  # will be useful for logging
+# -----------------------------------------------------------------------------
+
+
+def fail(message):
+    """ a user mistake: one line, non-zero exit, nothing written """
+    sys.exit(f"error: {message}")
+
+
+# validate what needs no data or devices, before any work
+if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2') and not os.path.isdir(init_from):
+    fail(f"init_from='{init_from}' is not 'scratch', 'resume', a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local GPT-2 directory")
+if n_exp == 1 and init_from == 'scratch':
+    for key, default in moe_defaults.items():
+        if config[key] != default:
+            print(f"warning: {key}={config[key]} has no effect with n_exp=1 (a dense model)")
+if init_from == 'scratch':
+    try:
+        GPTConfig(**{k: config[k] for k in model_keys})
+    except ValueError as e:
+        fail(e)
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if init_from == 'resume' and not os.path.exists(ckpt_path):
+    fail(f"init_from='resume' but there is no checkpoint at {ckpt_path}: train with init_from='scratch' first, or set --out_dir")
+
+# various inits, derived attributes, I/O setup
+ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
+if not device:
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+if ddp:
+    init_process_group(backend=backend or ('nccl' if device_type == 'cuda' else 'gloo'))
+    ddp_rank = int(os.environ['RANK'])
+    ddp_local_rank = int(os.environ['LOCAL_RANK'])
+    ddp_world_size = int(os.environ['WORLD_SIZE'])
+    if device_type == 'cuda':
+        device = f'cuda:{ddp_local_rank}'
+        torch.cuda.set_device(device)
+    master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
+    # world_size number of processes will be training simultaneously, so we can scale
+    # down the desired gradient accumulation iterations per process proportionally
+    if gradient_accumulation_steps % ddp_world_size != 0:
+        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the {ddp_world_size} processes: make it a multiple")
+    gradient_accumulation_steps //= ddp_world_size
+else:
+    # if not ddp, we are running on a single gpu, and one process
+    master_process = True
+    ddp_rank = 0
+    ddp_world_size = 1
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+if master_process:
+    print(f"tokens per iteration will be: {tokens_per_iter:,}")
+    os.makedirs(out_dir, exist_ok=True)
+torch.manual_seed(seed)  # the model's initial weights
+if not dtype:
+    dtype = 'float32' if device_type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
+torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+# data: train.bin / val.bin are uint16 token ids as written by data/<dataset>/prepare.py
+data_dir = os.path.join('data', dataset)
+for split in ('train', 'val'):
+    path = os.path.join(data_dir, f'{split}.bin')
+    if not os.path.exists(path):
+        fail(f"{path} not found: run python data/{dataset}/prepare.py first")
+    n_tokens = os.path.getsize(path) // 2
+    if n_tokens < block_size + 1:
+        fail(f"{path} has {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}: use a smaller --block_size or more data")
+meta_vocab_size = None
+meta_path = os.path.join(data_dir, 'meta.pkl')
+if os.path.exists(meta_path):
+    with open(meta_path, 'rb') as f:
+        meta_vocab_size = pickle.load(f)['vocab_size']
+    print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
+
+
+def get_batch(split, it, micro):
+    """ Micro-batch `micro` (counted across all processes) of iteration `it`. The batch is a
+    function of (seed, split, it, micro) alone: runs resume exactly, and N processes see the
+    same batches as one process with N times the gradient accumulation. """
+    # We recreate np.memmap every batch to avoid a memory leak, as per
+    # https://stackoverflow.com/questions/45132940/numpy-memmap-memory-usage-want-to-iterate-once/61472122#61472122
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+    rng = np.random.default_rng([seed, split == 'val', it, micro])
+    ix = rng.integers(len(data) - block_size, size=batch_size)
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    if device_type == 'cuda':
+        # pin arrays x,y, which allows us to move them to GPU asynchronously (non_blocking=True)
+        x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    else:
+        x, y = x.to(device), y.to(device)
+    return x, y
+
+
+# init these up here, can override if init_from='resume' (i.e. from a checkpoint)
+iter_num = 0
+best_val_loss = 1e9
+checkpoint = None
+
+# model init
+model_args = {k: config[k] for k in model_keys}
+if init_from == 'scratch':
+    print("Initializing a new model from scratch")
+    # determine the vocab size we'll use for from-scratch training
+    if meta_vocab_size is None:
+        print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
+    model_args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else 50304
+    model = GPT(GPTConfig(**model_args))
+elif init_from == 'resume':
+    print(f"Resuming training from {out_dir}")
+    try:
+        checkpoint = load_checkpoint(ckpt_path, device)
+    except ValueError as e:
+        fail(e)
+    # the model is the checkpoint's, every key of it, MoE keys included
+    model_args = dict(checkpoint['model_args'])
+    if block_size > model_args['block_size']:
+        fail(f"block_size={block_size} is larger than the checkpoint's {model_args['block_size']}: use --block_size={model_args['block_size']} or less")
+    model = model_from_checkpoint(checkpoint)
+    iter_num = checkpoint['iter_num']
+    best_val_loss = checkpoint['best_val_loss']
+else:
+    print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
+    try:
+        model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+    except OSError as e:
+        fail(f"cannot load GPT-2 weights '{init_from}': {str(e).splitlines()[0]}")
+    if block_size > model.config.block_size:
+        fail(f"block_size={block_size} is larger than {init_from}'s {model.config.block_size}: use --block_size={model.config.block_size} or less")
+    model_args = asdict(model.config)
+if meta_vocab_size is not None and meta_vocab_size != model_args['vocab_size']:
+    fail(f"{meta_path} has a vocabulary of {meta_vocab_size} tokens but the model has {model_args['vocab_size']}: prepare the data with the model's tokenizer")
+# crop down the model block size if desired, using model surgery
+if block_size < model.config.block_size:
+    model.crop_block_size(block_size)
+    model_args['block_size'] = block_size  # so that the checkpoint will have the right value
+model.to(device)
+raw_model = model  # what we save: neither compiled nor DDP-wrapped
+
+# initialize a GradScaler. If enabled=False scaler is a no-op
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+
+# optimizer
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if init_from == 'resume':
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    scaler.load_state_dict(checkpoint['scaler'])
+checkpoint = None  # free up memory
+
+# compile the model
+if compile:
+    print("compiling the model... (takes a ~minute)")
+    model = torch.compile(model)  # errors surface: nothing is suppressed
+
+# wrap model into DDP container. Every expert's weights take part in every step (an expert
+# with no tokens runs on zero rows and gets a zero gradient), so no find_unused_parameters.
+if ddp:
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+
+
+# helps estimate an arbitrarily accurate loss over either split using many batches
+@torch.no_grad()
+def estimate_loss():
+    out = {}
+    model.eval()  # eval mode: CE alone, eval capacity, no dropout or router noise
+    for split in ['train', 'val']:
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            X, Y = get_batch(split, iter_num, k)
+            with ctx:
+                logits, loss = model(X, Y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+# learning rate decay scheduler (cosine with warmup)
+def get_lr(it):
+    # 1) linear warmup for warmup_iters steps
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    # 2) if it > lr_decay_iters, return min learning rate
+    if it > lr_decay_iters:
+        return min_lr
+    # 3) in between, use cosine decay down to min learning rate
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    assert 0 <= decay_ratio <= 1
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+def save_checkpoint():
+    """ write to a temporary file and rename it over ckpt.pt: a kill mid-write leaves the old one """
+    checkpoint = {
+        'model': raw_model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'scaler': scaler.state_dict(),
+        'model_args': model_args,
+        'iter_num': iter_num,
+        'best_val_loss': best_val_loss,
+        'config': config,
+    }
+    print(f"saving checkpoint to {out_dir}")
+    tmp_path = ckpt_path + '.tmp'
+    torch.save(checkpoint, tmp_path)
+    os.replace(tmp_path, ckpt_path)
+
+
+def routing_stats():
+    """ per MoE layer of the last forward: (share of assignments per expert, dropped fraction) """
+    return {layer: ((tokens / tokens.sum()).tolist(), dropped.item()) for layer, (tokens, dropped) in MANAGER.routing.items()}
+
+
+# a record of the run next to its log: config, versions, commit
+if master_process:
+    git = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(out_dir, 'run.json'), 'w') as f:
+        json.dump(dict(config=config, model_args=model_args, torch=torch.__version__, python=sys.version.split()[0],
+                       git_commit=git.stdout.strip() or None, world_size=ddp_world_size, device=device, dtype=dtype), f, indent=1)
+    log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')  # one JSON record per log line and eval
+
+# logging
+if wandb_log and master_process:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+# training loop
+t0 = time.time()
+local_iter_num = 0  # number of iterations in the lifetime of this process
+running_mfu = -1.0
+dt_avg = None
+recent_losses = []  # the last few logged (iter, loss, aux, z), reported if the loss blows up
+while True:
+    # dropout and router noise draw from an RNG seeded by (seed, rank, iteration): resume is exact
+    torch.manual_seed(seed + 1_000_003 * iter_num + ddp_rank)
+
+    # determine and set the learning rate for this iteration
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = lr
+
+    # evaluate the loss on train/val sets and write checkpoints
+    if iter_num % eval_interval == 0 and master_process:
+        losses = estimate_loss()
+        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if not all(math.isfinite(v) for v in losses.values()):
+            fail(f"eval loss is {losses} at iter {iter_num}; the last good checkpoint is kept. Last logged losses (iter, loss, aux, z): {recent_losses}")
+        log_file.write(json.dumps(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr)) + '\n')
+        log_file.flush()
+        if wandb_log:
+            wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr, "mfu": running_mfu * 100})
+        if losses['val'] < best_val_loss or always_save_checkpoint:
+            best_val_loss = min(best_val_loss, losses['val'])
+            if iter_num > 0:
+                save_checkpoint()
+    if iter_num == 0 and eval_only:
+        break
+
+    # forward backward update, with optional gradient accumulation to simulate larger batch size
+    # and using the GradScaler if data type is float16
+    for micro_step in range(gradient_accumulation_steps):
+        X, Y = get_batch('train', iter_num, ddp_rank * gradient_accumulation_steps + micro_step)
+        if ddp:
+            # in DDP training we only need to sync gradients at the last micro step.
+            model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
+        with ctx:
+            logits, loss = model(X, Y)
+            loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
+        # backward pass, with gradient scaling if training in fp16
+        scaler.scale(loss).backward()
+    # clip the gradient
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    # step the optimizer and scaler if training in fp16
+    scaler.step(optimizer)
+    scaler.update()
+    # flush the gradients as soon as we can, no need for this memory anymore
+    optimizer.zero_grad(set_to_none=True)
+
+    # timing and logging
+    t1 = time.time()
+    dt = t1 - t0
+    t0 = t1
+    if iter_num % log_interval == 0 and master_process:
+        # get loss as float. note: this is a CPU-GPU sync point
+        # scale up to undo the division above, approximating the true total loss (exact would have been a sum)
+        lossf = loss.item() * gradient_accumulation_steps
+        n_moe = len(MANAGER.routing)
+        auxf = MANAGER.aggregate_aux_loss().item() / n_moe if MANAGER.aux_loss else 0.0  # mean over layers
+        zf = MANAGER.aggregate_router_z_loss().item() / n_moe if MANAGER.router_z_loss else 0.0
+        if not math.isfinite(lossf):
+            fail(f"loss is {lossf} at iter {iter_num} (aux {auxf}, z {zf}); the last good checkpoint is kept. Last finite losses (iter, loss, aux, z): {recent_losses}")
+        recent_losses = (recent_losses + [(iter_num, round(lossf, 4), round(auxf, 4), round(zf, 4))])[-5:]
+        if local_iter_num >= 5:  # let the training loop settle a bit
+            dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
+            if device_type == 'cuda':
+                mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
+                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+        line = f"iter {iter_num}: loss {lossf:.4f}"
+        record = dict(iter=iter_num, loss=lossf, lr=lr, dt_ms=dt * 1000)
+        if n_moe:
+            routing = routing_stats()
+            drop = sum(d for _, d in routing.values()) / n_moe
+            top_share = max(max(shares) for shares, _ in routing.values())
+            line += f", aux {auxf:.3f}, z {zf:.3f}, drop {drop * 100:.1f}%, top {top_share * 100:.0f}%"
+            record.update(aux=auxf, z=zf, drop=drop, top_share=top_share, routing={str(k): v for k, v in routing.items()})
+        line += f", {dt * 1000:.1f}ms, {tokens_per_iter / dt / 1000:.1f}k tok/s"
+        if running_mfu > 0:
+            line += f", mfu {running_mfu * 100:.1f}%"
+        if dt_avg is not None:
+            eta = (max_iters - iter_num) * dt_avg
+            line += f", eta {eta / 3600:.1f}h" if eta > 3600 else f", eta {eta / 60:.1f}m" if eta > 60 else f", eta {eta:.0f}s"
+        print(line)
+        log_file.write(json.dumps(record) + '\n')
+        if wandb_log:
+            stats = {"iter": iter_num, "train/loss_step": lossf, "lr": lr}
+            if n_moe:
+                stats.update({"moe/aux": auxf, "moe/z": zf, "moe/drop": drop, "moe/top_share": top_share})
+                stats.update({f"load/layer{layer}/expert{e}": s for layer, (shares, _) in routing.items() for e, s in enumerate(shares)})
+            wandb.log(stats)
+    iter_num += 1
+    local_iter_num += 1
+
+    # termination conditions
+    if iter_num > max_iters:
+        break
+
+if master_process:
+    log_file.close()
+if ddp:
+    destroy_process_group()
