@@ -150,7 +150,6 @@ else:
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 if master_process:
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
-    os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)  # the model's initial weights
 if not dtype:
     dtype = 'float32' if device_type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
@@ -317,6 +316,7 @@ def routing_stats():
 
 # a record of the run next to its log: config, versions, commit
 if master_process:
+    os.makedirs(out_dir, exist_ok=True)
     git = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(out_dir, 'run.json'), 'w') as f:
         json.dump(dict(config=config, model_args=model_args, torch=torch.__version__, python=sys.version.split()[0],

@@ -16,7 +16,7 @@ SHAKESPEARE = os.path.join(ROOT, '..', 'shared', 'data', 'tinyshakespeare', 'inp
 
 TINY = ['--dataset=shakespeare_char', '--device=cpu', '--compile=False', '--eval_iters=2', '--log_interval=1',
         '--block_size=32', '--batch_size=4', '--n_layer=2', '--n_head=2', '--n_embd=32', '--warmup_iters=2',
-        '--learning_rate=3e-3', '--lr_decay_iters=40']
+        '--learning_rate=3e-3', '--lr_decay_iters=40', '--gradient_accumulation_steps=1']
 MOE = ['--n_exp=4', '--top_k=2', '--use_aux_loss=True', '--use_router_z_loss=True']
 
 

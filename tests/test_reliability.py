@@ -1,0 +1,165 @@
+"""
+Bad input gets one clear line and a non-zero exit before any work; checkpoints survive a kill
+mid-write; a loss that blows up stops the run without touching the last good checkpoint.
+"""
+import os
+import sys
+import pickle
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from test_train import ROOT, TINY, MOE, train, workdir  # noqa: F401 (workdir is a fixture)
+
+TRAIN_PY = os.path.join(ROOT, 'train.py')
+
+
+def make_dataset(work, name, n_tokens, vocab_size):
+    d = work / 'data' / name
+    d.mkdir(parents=True, exist_ok=True)
+    tokens = np.random.default_rng(0).integers(0, vocab_size, n_tokens).astype(np.uint16)
+    tokens.tofile(d / 'train.bin')
+    tokens.tofile(d / 'val.bin')
+    with open(d / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': vocab_size}, f)
+
+
+@pytest.fixture(scope='module')
+def trained(workdir):
+    """ a run with a checkpoint at iteration 4 (block_size 32, vocab 65) """
+    out = workdir / 'out-trained'
+    train(workdir, *TINY, *MOE, f'--out_dir={out}', '--max_iters=4', '--eval_interval=4')
+    return out
+
+
+def fails_with(cwd, args, message, launcher_code=None):
+    cmd = [sys.executable, TRAIN_PY, *args] if launcher_code is None else [sys.executable, '-c', launcher_code]
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert p.returncode != 0
+    assert 'Traceback' not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == message
+    return p
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--n_expp=8'], "error: unknown config key 'n_expp' on the command line (did you mean 'n_exp'?)"),
+    (['--n_exp=2.5'], "error: config key 'n_exp' on the command line must be int, got float 2.5"),
+    (['--n_exp=4', '--top_k=5'], "error: top_k=5 must be between 1 and n_exp=4"),
+    (['--n_embd=30', '--n_head=4'], "error: n_embd=30 is not divisible by n_head=4: pick n_embd a multiple of n_head"),
+    (['--init_from=gtp2'], "error: init_from='gtp2' is not 'scratch', 'resume', a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local GPT-2 directory"),
+    (['--dataset=nowhere'], "error: data/nowhere/train.bin not found: run python data/nowhere/prepare.py first"),
+    (['--dataset=short'], "error: data/short/train.bin has 20 tokens, fewer than block_size + 1 = 33: use a smaller --block_size or more data"),
+])
+def test_bad_config_or_data_stops_before_any_work(workdir, args, message):
+    make_dataset(workdir, 'short', 20, 65)
+    out = workdir / 'out-never'
+    fails_with(workdir, [*TINY, f'--out_dir={out}', *args], message)
+    assert not out.exists()  # nothing written
+
+
+def test_resume_without_checkpoint(workdir):
+    out = workdir / 'out-empty'
+    fails_with(workdir, [*TINY, f'--out_dir={out}', '--init_from=resume'],
+               f"error: init_from='resume' but there is no checkpoint at {out}/ckpt.pt: train with init_from='scratch' first, or set --out_dir")
+
+
+def test_resume_with_larger_block_size(workdir, trained):
+    fails_with(workdir, [*TINY, f'--out_dir={trained}', '--init_from=resume', '--block_size=64'],
+               "error: block_size=64 is larger than the checkpoint's 32: use --block_size=32 or less")
+
+
+def test_resume_on_data_with_another_vocabulary(workdir, trained):
+    make_dataset(workdir, 'other_vocab', 1000, 100)
+    fails_with(workdir, [*TINY, f'--out_dir={trained}', '--init_from=resume', '--dataset=other_vocab'],
+               "error: data/other_vocab/meta.pkl has a vocabulary of 100 tokens but the model has 65: prepare the data with the model's tokenizer")
+
+
+def test_pretrained_with_larger_block_size(workdir, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=65)).save_pretrained(tmp_path)
+    fails_with(workdir, [*TINY, f'--out_dir={tmp_path}/out', f'--init_from={tmp_path}'],
+               f"error: block_size=32 is larger than {tmp_path}'s 16: use --block_size=16 or less")
+
+
+@pytest.mark.parametrize('content,message', [
+    (b'PK\x03\x04 truncated', "is not a readable checkpoint (truncated or corrupt?): RuntimeError"),
+    (None, "is not a nanoMoE checkpoint (it has no 'model' and 'model_args')"),
+])
+def test_truncated_or_foreign_checkpoint(workdir, tmp_path, content, message):
+    path = tmp_path / 'ckpt.pt'
+    if content is None:
+        torch.save({'state_dict': {}}, path)
+    else:
+        path.write_bytes(content)
+    fails_with(workdir, [*TINY, f'--out_dir={tmp_path}', '--init_from=resume'], f"error: {path} {message}")
+
+
+def test_moe_key_with_dense_model_warns(workdir):
+    p = train(workdir, *TINY, '--top_k=4', '--use_aux_loss=True', f'--out_dir={workdir}/out-warn', '--max_iters=0')
+    assert 'warning: top_k=4 has no effect with n_exp=1 (a dense model)' in p.stdout
+    assert 'warning: use_aux_loss=True has no effect with n_exp=1 (a dense model)' in p.stdout
+
+
+def launcher(argv, patch):
+    """ python -c code that patches something, then runs train.py as __main__ """
+    return f"import sys, os, runpy, torch\nsys.path.insert(0, {ROOT!r})\nimport model\n{patch}\nsys.argv = {[TRAIN_PY, *argv]!r}\nrunpy.run_path({TRAIN_PY!r}, run_name='__main__')\n"
+
+
+KILLED_MID_SAVE = """
+def dying_save(obj, f, *args, **kwargs):
+    with open(f, 'wb') as fh:
+        fh.write(b'PK\\x03\\x04 half a checkpoint')
+    os._exit(9)  # killed while writing
+torch.save = dying_save
+"""
+
+
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(workdir, trained):
+    from model import load_checkpoint
+    before = load_checkpoint(trained / 'ckpt.pt', 'cpu')
+    p = subprocess.run([sys.executable, '-c', launcher([*TINY, f'--out_dir={trained}', '--init_from=resume',
+                                                         '--max_iters=8', '--eval_interval=4'], KILLED_MID_SAVE)],
+                       cwd=workdir, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert p.returncode == 9 and 'saving checkpoint' in p.stdout
+    after = load_checkpoint(trained / 'ckpt.pt', 'cpu')
+    assert after['iter_num'] == before['iter_num'] == 4
+    for k, v in before['model'].items():
+        assert torch.equal(v, after['model'][k])
+
+
+NAN_FROM_ITER_10 = """
+forward, calls = model.GPT.forward, [0]
+def nan_forward(self, idx, targets=None):
+    logits, loss = forward(self, idx, targets)
+    if self.training:
+        calls[0] += 1
+        if calls[0] > 6:
+            loss = loss * float('nan')
+    return logits, loss
+model.GPT.forward = nan_forward
+"""
+
+
+@pytest.mark.parametrize('log_interval,message', [
+    (1, "error: loss is nan at iter 10"),  # caught on the next log line
+    (100, "error: eval loss is {'train': nan, 'val': nan} at iter 12"),  # caught by the eval before the save
+])
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, tmp_path, log_interval, message):
+    out = tmp_path / 'out'
+    train(workdir, *TINY, *MOE, f'--out_dir={out}', '--max_iters=4', '--eval_interval=4')
+    # resumed at iteration 4: training forwards 7 on are those of iterations 10 on
+    args = [*TINY, *MOE, f'--out_dir={out}', '--init_from=resume', '--max_iters=14', '--eval_interval=4',
+            f'--log_interval={log_interval}']
+    p = subprocess.run([sys.executable, '-c', launcher(args, NAN_FROM_ITER_10)], cwd=workdir, capture_output=True,
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert p.returncode == 1
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(message), last
+    assert 'the last good checkpoint is kept' in last
+    if log_interval == 1:
+        assert '(9, ' in last  # the last finite losses, iteration 9 among them
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    assert ckpt['iter_num'] == 8  # the eval at 8 saved; nothing after the loss went bad
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values())
