@@ -3,7 +3,7 @@ Sample from a trained model (dense or MoE) or from OpenAI's GPT-2.
 $ python sample.py --out_dir=out-shakespeare-char          # a checkpoint written by train.py
 $ python sample.py --init_from=gpt2-xl --start="FILE:prompt.txt" --num_samples=5 --max_new_tokens=100
 Run it from the repository root: a character-level checkpoint decodes with
-data/<dataset>/meta.pkl, looked up from the current directory as train.py does.
+data/<dataset>/meta.pkl, looked up from the current directory; other checkpoints with GPT-2 BPE.
 """
 import os
 import sys
@@ -36,7 +36,10 @@ torch.cuda.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+if dtype not in dtypes:
+    sys.exit(f"error: dtype='{dtype}' is not one of {', '.join(dtypes)}")
+ptdtype = dtypes[dtype]
 ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 
 # model
@@ -82,11 +85,11 @@ if meta_path is not None and os.path.exists(meta_path):
     encode = lambda s: [stoi[c] for c in s]
     decode = lambda l: ''.join([itos[i] for i in l])
 else:
-    enc = tiktoken.get_encoding("gpt2")
-    if model.config.vocab_size < enc.n_vocab:
-        # a character-level model read as GPT-2 BPE would crash on the prompt or print garbage
+    if model.config.vocab_size < 50257:
+        # fewer tokens than GPT-2's 50257: a character-level model, which BPE would crash or garble
         sys.exit(f"error: the model has {model.config.vocab_size} tokens, fewer than GPT-2's, and no "
                  f"{meta_path or 'data/<dataset>/meta.pkl'} to decode them: run from the repository root")
+    enc = tiktoken.get_encoding("gpt2")
     encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
     decode = lambda l: enc.decode(l)
 x = torch.tensor(encode(start), dtype=torch.long, device=device)[None, ...]  # (1, T)
