@@ -1,13 +1,14 @@
 """
 OpenWebText in GPT-2 BPE tokens, as nanoGPT: each document's tokens followed by the end-of-text
 token, all documents back to back in train.bin and val.bin (uint16 memmaps) next to this
-script; 0.05% of the documents (seed 2357) go to val. About 9B train tokens (17GB) and 4M val
-tokens; it needs ~54GB of disk for the Hugging Face cache.
+script; 0.05% of the documents (seed 2357) go to val. nanoGPT reports ~9B train tokens (17GB)
+and ~4M val tokens, and ~54GB of disk for the Hugging Face cache.
 $ python data/openwebtext/prepare.py                          # downloads it from the Hugging Face hub
 $ python data/openwebtext/prepare.py --input=PATH --num_proc=8
 --input takes a local dataset with a 'text' column instead: a directory written by
 Dataset.save_to_disk or DatasetDict.save_to_disk (its 'train' split), or a JSON Lines file
-(.jsonl, .json) with one {"text": ...} object per line.
+(.jsonl, .json) with one {"text": ...} object per line. datasets keeps its cache files of the
+split and the tokens beside a save_to_disk directory, and in HF_DATASETS_CACHE for a JSON file.
 """
 import os
 import sys
