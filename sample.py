@@ -1,0 +1,103 @@
+"""
+Sample from a trained model (dense or MoE) or from OpenAI's GPT-2.
+$ python sample.py --out_dir=out-shakespeare-char          # a checkpoint written by train.py
+$ python sample.py --init_from=gpt2-xl --start="FILE:prompt.txt" --num_samples=5 --max_new_tokens=100
+Run it from the repository root: a character-level checkpoint decodes with
+data/<dataset>/meta.pkl, looked up from the current directory; other checkpoints with GPT-2 BPE.
+"""
+import os
+import sys
+import pickle
+from contextlib import nullcontext
+
+import torch
+import tiktoken
+
+from model import GPT, load_checkpoint, model_from_checkpoint
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # 'resume' (from out_dir/ckpt.pt), a GPT-2 name ('gpt2', 'gpt2-xl', ...) or a save_pretrained dir
+out_dir = 'out'  # the run directory to resume from, when init_from == 'resume'
+start = "\n"  # prompt text, or "FILE:prompt.txt" to read it from a file
+num_samples = 10  # number of samples to draw
+max_new_tokens = 500  # tokens generated per sample
+temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random
+top_k = 200  # sample from the top_k most likely tokens only
+seed = 1337
+device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
+compile = False  # torch.compile the model: slower start, faster tokens
+# the configurator lives beside this script, whatever the current directory
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# -----------------------------------------------------------------------------
+
+torch.manual_seed(seed)
+torch.cuda.manual_seed(seed)
+torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
+torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
+device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
+dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+if dtype not in dtypes:
+    sys.exit(f"error: dtype='{dtype}' is not one of {', '.join(dtypes)}")
+ptdtype = dtypes[dtype]
+ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+
+# model
+checkpoint = None
+if init_from == 'resume':
+    try:
+        checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device)
+        model = model_from_checkpoint(checkpoint)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+elif init_from.startswith('gpt2') or os.path.isdir(init_from):
+    model = GPT.from_pretrained(init_from, dict(dropout=0.0))
+else:
+    sys.exit(f"error: init_from='{init_from}' is neither 'resume' nor a GPT-2 model: use 'resume', 'gpt2', "
+             "'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a save_pretrained directory")
+model.eval()
+model.to(device)
+if compile:
+    model = torch.compile(model)
+
+# prompt
+if start.startswith('FILE:'):
+    prompt_path = start[5:]
+    if not os.path.isfile(prompt_path):
+        sys.exit(f"error: no file {prompt_path} for --start=FILE:...: give the path of a text file")
+    with open(prompt_path, encoding='utf-8') as f:
+        start = f.read()
+if not start:
+    sys.exit("error: the prompt is empty: give --start some text, e.g. --start=ROMEO:")
+
+# tokenizer: the character-level one of the checkpoint's dataset if it has one, else GPT-2's
+meta_path = None
+if checkpoint is not None and 'dataset' in checkpoint.get('config', {}):
+    meta_path = os.path.join('data', checkpoint['config']['dataset'], 'meta.pkl')
+if meta_path is not None and os.path.exists(meta_path):
+    print(f"Loading meta from {meta_path}...")
+    with open(meta_path, 'rb') as f:
+        meta = pickle.load(f)
+    stoi, itos = meta['stoi'], meta['itos']
+    unknown = sorted(set(start) - set(stoi))
+    if unknown:
+        sys.exit(f"error: the prompt has characters not in {meta_path}: {''.join(unknown)!r}: leave them out")
+    encode = lambda s: [stoi[c] for c in s]
+    decode = lambda l: ''.join([itos[i] for i in l])
+else:
+    if model.config.vocab_size < 50257:
+        # fewer tokens than GPT-2's 50257: a character-level model, which BPE would crash or garble
+        sys.exit(f"error: the model has {model.config.vocab_size} tokens, fewer than GPT-2's, and no "
+                 f"{meta_path or 'data/<dataset>/meta.pkl'} to decode them: run from the repository root")
+    enc = tiktoken.get_encoding("gpt2")
+    encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
+    decode = lambda l: enc.decode(l)
+x = torch.tensor(encode(start), dtype=torch.long, device=device)[None, ...]  # (1, T)
+
+# generate
+with torch.no_grad():
+    with ctx:
+        for _ in range(num_samples):
+            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k)
+            print(decode(y[0].tolist()))
+            print('---------------')

@@ -1,0 +1,104 @@
+"""
+sample.py run as a user runs it, on checkpoints in train.py's format (a dense and an MoE GPT,
+one saved from a torch.compile'd model), decoded with a character-level meta.pkl or with GPT-2
+BPE, against the same model's greedy generate; and its one-line errors.
+"""
+import os
+import pickle
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIKTOKEN_CACHE = os.path.join(ROOT, '..', 'shared', 'data', 'tiktoken_cache')
+CHARS = sorted("\n abcdefghijklmnopqrstuvwxyz.,!")
+
+
+def write_run(tmp_path, n_exp, compiled_prefix=False, vocab_size=len(CHARS), dataset='tiny_char'):
+    """ out_dir/ckpt.pt as train.py writes it, and data/<dataset>/meta.pkl under tmp_path, the cwd """
+    config = GPTConfig(block_size=16, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, n_exp=n_exp,
+                       top_k=2, use_aux_loss=True, use_router_z_loss=True)
+    torch.manual_seed(0)
+    model = GPT(config)
+    state_dict = {('_orig_mod.' if compiled_prefix else '') + k: v for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoint = {'model': state_dict, 'optimizer': optimizer.state_dict(), 'model_args': asdict(config),
+                  'iter_num': 10, 'best_val_loss': 3.2, 'config': {'dataset': dataset, 'n_exp': n_exp}}
+    out_dir = tmp_path / 'out'
+    out_dir.mkdir()
+    torch.save(checkpoint, out_dir / 'ckpt.pt')
+    if dataset != 'tiny_char':
+        return model.eval(), out_dir
+    (tmp_path / 'data' / 'tiny_char').mkdir(parents=True)
+    meta = {'vocab_size': len(CHARS), 'itos': dict(enumerate(CHARS)), 'stoi': {c: i for i, c in enumerate(CHARS)}}
+    with open(tmp_path / 'data' / 'tiny_char' / 'meta.pkl', 'wb') as f:
+        pickle.dump(meta, f)
+    return model.eval(), out_dir
+
+
+def sample(tmp_path, *args):
+    # one thread: on a busy 2-core machine, OpenMP threads waiting on each other make these tiny
+    # forwards several times slower
+    env = dict(os.environ, OMP_NUM_THREADS='1', TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE)
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), '--device=cpu', *args],
+                          capture_output=True, text=True, cwd=tmp_path, env=env)
+
+
+@pytest.mark.parametrize('n_exp,compiled_prefix', [(1, False), (4, True)])
+def test_greedy_samples_match_the_checkpointed_model(tmp_path, n_exp, compiled_prefix):
+    model, out_dir = write_run(tmp_path, n_exp, compiled_prefix)
+    start = 'to be'
+    p = sample(tmp_path, f'--out_dir={out_dir}', f'--start={start}', '--num_samples=2', '--max_new_tokens=20',
+               '--top_k=1')
+    assert p.returncode == 0, p.stderr
+    samples = p.stdout.split('Loading meta from data/tiny_char/meta.pkl...\n', 1)[1].split('\n---------------\n')
+    assert samples[-1] == '' and len(samples) == 3
+    # top_k=1 is greedy: both samples are the model's argmax continuation, 20 tokens past block_size 16
+    idx = torch.tensor([[CHARS.index(c) for c in start]])
+    expected = ''.join(CHARS[i] for i in model.generate(idx, 20, top_k=1)[0].tolist())
+    assert samples[:2] == [expected, expected]
+    assert len(expected) == len(start) + 20 and set(expected) <= set(CHARS)
+
+
+def test_checkpoint_without_meta_decodes_with_gpt2_bpe(tmp_path):
+    os.environ.setdefault('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    model, out_dir = write_run(tmp_path, n_exp=4, vocab_size=enc.n_vocab, dataset='openwebtext')
+    start = 'Hello, world'
+    p = sample(tmp_path, f'--out_dir={out_dir}', f'--start={start}', '--num_samples=1', '--max_new_tokens=8',
+               '--top_k=1')
+    assert p.returncode == 0, p.stderr
+    expected = enc.decode(model.generate(torch.tensor([enc.encode(start)]), 8, top_k=1)[0].tolist())
+    assert p.stdout.endswith(expected + '\n---------------\n')
+
+
+def test_out_dir_without_checkpoint_stops_with_one_line(tmp_path):
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    p = sample(tmp_path, f'--out_dir={empty}')
+    assert p.returncode != 0
+    assert p.stderr == f"error: no checkpoint at {empty / 'ckpt.pt'}: train first, or point --out_dir at a run's directory\n"
+
+
+def test_char_model_without_meta_stops_with_one_line(tmp_path):
+    _, out_dir = write_run(tmp_path, n_exp=1)
+    elsewhere = tmp_path / 'elsewhere'  # a cwd without data/tiny_char/meta.pkl
+    elsewhere.mkdir()
+    p = sample(elsewhere, f'--out_dir={out_dir}')
+    assert p.returncode != 0
+    assert p.stderr == (f"error: the model has {len(CHARS)} tokens, fewer than GPT-2's, and no "
+                        "data/tiny_char/meta.pkl to decode them: run from the repository root\n")
+
+
+def test_missing_prompt_file_stops_with_one_line(tmp_path):
+    _, out_dir = write_run(tmp_path, n_exp=4)
+    missing = tmp_path / 'prompt.txt'
+    p = sample(tmp_path, f'--out_dir={out_dir}', f'--start=FILE:{missing}')
+    assert p.returncode != 0
+    assert p.stderr == f"error: no file {missing} for --start=FILE:...: give the path of a text file\n"
