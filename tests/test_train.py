@@ -54,9 +54,14 @@ def logged(out_dir, key='loss'):
         return [(r['iter'], r[key]) for r in map(json.loads, f) if key in r]
 
 
-def test_moe_training_lowers_loss_and_checkpoints_every_moe_key(workdir):
+@pytest.fixture(scope='module')
+def moe_run(workdir):
     out = workdir / 'out-moe'
-    p = train(workdir, *TINY, *MOE, f'--out_dir={out}', '--max_iters=40', '--eval_interval=40')
+    return out, train(workdir, *TINY, *MOE, f'--out_dir={out}', '--max_iters=40', '--eval_interval=40')
+
+
+def test_moe_training_lowers_loss_and_checkpoints_every_moe_key(moe_run):
+    out, p = moe_run
     evals = logged(out, 'val_loss')
     assert evals[0][0] == 0 and evals[-1][0] == 40
     assert evals[-1][1] < evals[0][1] - 0.5  # from ~4.17 (ln 65) down
@@ -116,3 +121,13 @@ def test_ddp_two_processes_match_one_process(workdir, moe):
     b = torch.load(single / 'ckpt.pt', weights_only=False)['model']
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_plots_from_a_run(workdir, moe_run):
+    out, _ = moe_run
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'assets', 'plot.py'), str(out), '--labels=moe',
+                        f'--out={workdir}/plots'], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    for name in ('loss.png', 'expert_load_moe.png'):
+        png = workdir / 'plots' / name
+        assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 10_000
