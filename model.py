@@ -16,7 +16,7 @@ pair; there are k*N of them, numbered a = j*N + t (choice j of token t).
 
 import math
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
@@ -63,10 +63,11 @@ class CausalSelfAttention(nn.Module):
 
 class MLP(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, n_hidden=None):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        n_hidden = n_hidden or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, n_hidden, bias=config.bias)
+        self.c_proj = nn.Linear(n_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -89,6 +90,14 @@ class Router(nn.Module):
         self.w_g = nn.Linear(config.n_embd, config.n_exp, bias=False)
         # noisy top-k gating, Shazeer et al. 2017 eq. (4): learned per-expert noise scale
         self.w_noise = nn.Linear(config.n_embd, config.n_exp, bias=False) if config.use_noisy_top_k else None
+        # aux-loss-free load balancing, DeepSeek-V3 §2.1.2 (https://arxiv.org/abs/2412.19437): a
+        # per-expert bias on the logits for the top-k choice only, moved toward balance after
+        # each optimizer step (update_bias), never by gradients; a buffer, so it is checkpointed
+        self.bias_update_speed = config.bias_update_speed
+        if config.use_aux_free_bias:
+            self.register_buffer('expert_bias', torch.zeros(config.n_exp))
+        else:
+            self.expert_bias = None
 
     def forward(self, x):  # x: (N, C)
         if self.router_use_full_prec:
@@ -102,7 +111,11 @@ class Router(nn.Module):
         logits = self.w_g(x)  # (N, E)
         if self.w_noise is not None and self.training:  # noise explores in training only
             logits = logits + F.softplus(self.w_noise(x)) * torch.randn_like(logits)
-        topk_logits, topk_idx = logits.topk(self.top_k, dim=-1)  # (N, k)
+        if self.expert_bias is None:
+            topk_logits, topk_idx = logits.topk(self.top_k, dim=-1)  # (N, k)
+        else:  # the bias picks the experts; the gates come from the unbiased logits
+            topk_idx = (logits + self.expert_bias).topk(self.top_k, dim=-1).indices  # (N, k)
+            topk_logits = logits.gather(-1, topk_idx)
         gates = F.softmax(topk_logits, dim=-1)  # (N, k), softmax over the chosen k only
         if self.use_aux_loss:
             # Switch eq. (4)-(6) for top-k: E * sum_e f_e * P_e, f_e the share of the k*N
@@ -117,13 +130,20 @@ class Router(nn.Module):
             MANAGER.add_router_z_loss(torch.logsumexp(logits, dim=-1).pow(2).mean())
         return gates, topk_idx
 
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert):
+        """ DeepSeek-V3 §2.1.2: b_e += gamma * sign(mean load - load_e), with the loads of one
+        optimizer step (all micro-batches, all processes) """
+        load = tokens_per_expert.float()
+        self.expert_bias += self.bias_update_speed * torch.sign(load.mean() - load)
+
 
 class MLPExperts(nn.Module):
     """ E independent GELU MLPs, stored stacked so all experts run as one grouped matmul. """
 
     def __init__(self, config):
         super().__init__()
-        C, H, E = config.n_embd, 4 * config.n_embd, config.n_exp
+        C, H, E = config.n_embd, config.expert_hidden or 4 * config.n_embd, config.n_exp
         self.c_fc = nn.Parameter(torch.empty(E, C, H))
         self.c_proj = nn.Parameter(torch.empty(E, H, C))
         self.fc_bias = nn.Parameter(torch.empty(E, 1, H)) if config.bias else None
@@ -181,6 +201,10 @@ class MOELayer(nn.Module):
         self.router = Router(config)
         self.experts = MLPExperts(config)
         self.dropout = nn.Dropout(config.dropout)
+        # shared experts, DeepSeek-MoE §3.2 (https://arxiv.org/abs/2401.06066): every token uses
+        # them; n_shared_exp experts of the routed width make one MLP n_shared_exp times as wide
+        n_shared_hidden = config.n_shared_exp * (config.expert_hidden or 4 * config.n_embd)
+        self.shared_experts = MLP(config, n_shared_hidden) if config.n_shared_exp > 0 else None
 
     def capacity(self, N):
         """ Slots per expert, Switch eq. (3): floor(k * cf * N / E), rounded up to even, at least
@@ -234,7 +258,10 @@ class MOELayer(nn.Module):
 
         MANAGER.add_routing_stats(self.layer_idx, tokens_per_expert.detach(),
                                   1.0 - kept_per_expert.sum().detach() / (k * N))
-        return self.dropout(y.view(B, T, C))
+        y = self.dropout(y)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(B, T, C)
 
 
 # -----------------------------------------------------------------------------
@@ -279,6 +306,11 @@ class GPTConfig:
     use_switch_tfm_init: bool = False  # truncated normal init scaled by fan-in (Switch §2.2)
     switch_tfm_init_scale: float = 1.0  # Switch's s; they recommend 0.1
     router_use_full_prec: bool = False  # router in float32 under autocast
+    # beyond the earlier nanoMoE
+    expert_hidden: int = 0  # hidden size of each expert; 0: 4 * n_embd. Smaller + more experts = fine-grained (DeepSeek-MoE)
+    n_shared_exp: int = 0  # experts every token uses besides its top_k (DeepSeek-MoE)
+    use_aux_free_bias: bool = False  # aux-loss-free balancing by a routing bias (DeepSeek-V3)
+    bias_update_speed: float = 0.001  # DeepSeek-V3's gamma: bias step per optimizer step
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -290,6 +322,8 @@ class GPTConfig:
                 raise ValueError(f"top_k={self.top_k} must be between 1 and n_exp={self.n_exp}")
             if self.stride < 1:
                 raise ValueError(f"stride={self.stride} must be >= 1 (1 = every block is MoE)")
+            if self.expert_hidden < 0 or self.n_shared_exp < 0:
+                raise ValueError(f"expert_hidden={self.expert_hidden} and n_shared_exp={self.n_shared_exp} must be >= 0")
 
 
 class GPT(nn.Module):
@@ -396,10 +430,10 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, model_type, override_args=None):
         """ GPT-2 weights from Hugging Face: a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl)
-        or a local directory written by GPT2LMHeadModel.save_pretrained. """
-        override_args = override_args or {}
-        # only dropout can be overridden, see more notes below
-        assert all(k == 'dropout' for k in override_args)
+        or a local directory written by GPT2LMHeadModel.save_pretrained. override_args may set
+        dropout and, with n_exp > 1, the MoE keys: the dense GPT-2 is then upcycled. """
+        override_args = dict(override_args or {})
+        moe_args = {k: override_args.pop(k) for k in list(override_args) if k != 'dropout'}
         from transformers import GPT2LMHeadModel
         print(f"loading weights from pretrained gpt: {model_type}")
         model_hf = GPT2LMHeadModel.from_pretrained(model_type)
@@ -418,7 +452,31 @@ class GPT(nn.Module):
                     v = v.t()
                 assert v.shape == sd[k].shape, f"{k}: {v.shape} vs {sd[k].shape}"
                 sd[k].copy_(v)
-        return model
+        return model.upcycle(**moe_args) if moe_args.get('n_exp', 1) > 1 else model
+
+    @torch.no_grad()
+    def upcycle(self, **moe_args):
+        """ Sparse upcycling (Komatsuzaki et al. 2022, https://arxiv.org/abs/2212.05055): the MoE
+        GPT with this dense model's weights, each MoE block's experts all copies of that block's
+        MLP, and fresh routers. Dropless, it computes what the dense model does: the k gates of a
+        token sum to 1 over k equal experts. """
+        config = GPTConfig(**{**asdict(self.config), **moe_args})
+        if config.expert_hidden not in (0, 4 * config.n_embd) or config.n_shared_exp:
+            raise ValueError("upcycling copies the dense MLP into each expert: leave expert_hidden=0 and n_shared_exp=0")
+        moe = GPT(config).to(self.lm_head.weight.device)
+        dense = self.state_dict()
+        for k, v in moe.state_dict().items():
+            if k in dense:  # embeddings, attention, LayerNorms, the blocks that stay dense
+                v.copy_(dense[k])
+        for block, dense_block in zip(moe.transformer.h, self.transformer.h):
+            if isinstance(block.mlp, MOELayer):
+                experts, mlp = block.mlp.experts, dense_block.mlp
+                experts.c_fc.copy_(mlp.c_fc.weight.t().expand_as(experts.c_fc))  # (E, C, H)
+                experts.c_proj.copy_(mlp.c_proj.weight.t().expand_as(experts.c_proj))  # (E, H, C)
+                if config.bias:
+                    experts.fc_bias.copy_(mlp.c_fc.bias.expand_as(experts.fc_bias))
+                    experts.proj_bias.copy_(mlp.c_proj.bias.expand_as(experts.proj_bias))
+        return moe
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # weight decay on matmul weights and embeddings (2D and the stacked 3D expert weights);
@@ -490,9 +548,10 @@ def load_checkpoint(path, device):
     return checkpoint
 
 
-def model_from_checkpoint(checkpoint):
-    """ The GPT a train.py checkpoint describes, with its weights. """
-    model = GPT(GPTConfig(**checkpoint['model_args']))
+def model_from_checkpoint(checkpoint, **override_args):
+    """ The GPT a train.py checkpoint describes, with its weights; override_args such as dropout
+    change the config, not the weights. """
+    model = GPT(GPTConfig(**{**checkpoint['model_args'], **override_args}))
     # torch.compile'd models save their parameters under an '_orig_mod.' prefix
     state_dict = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
     model.load_state_dict(state_dict)

@@ -43,7 +43,7 @@ log_interval = 1  # iterations between log lines
 eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # if True, script exits right after the first eval
 always_save_checkpoint = True  # if True, always save a checkpoint after each eval
-init_from = 'scratch'  # 'scratch' or 'resume' or 'gpt2*'
+init_from = 'scratch'  # 'scratch', 'resume', 'gpt2*', a local GPT-2 dir, or another run's out_dir (its weights, a new run); n_exp > 1 upcycles a dense model
 # wandb logging
 wandb_log = False  # disabled by default
 wandb_project = 'owt'
@@ -75,6 +75,10 @@ stride = 2  # every stride-th block is MoE
 use_switch_tfm_init = False  # truncated normal init scaled by fan-in
 switch_tfm_init_scale = 1.0
 router_use_full_prec = False  # router in float32 under autocast
+expert_hidden = 0  # hidden size of each expert; 0: 4 * n_embd (smaller with more experts: fine-grained)
+n_shared_exp = 0  # experts every token uses besides its top_k
+use_aux_free_bias = False  # aux-loss-free balancing by a routing bias (DeepSeek-V3)
+bias_update_speed = 0.001  # the bias step per optimizer step (DeepSeek-V3's gamma)
 # adamw optimizer
 learning_rate = 6e-4  # max learning rate
 max_iters = 600000  # total number of training iterations
@@ -120,6 +124,8 @@ if init_from == 'scratch':
     except ValueError as e:
         fail(e)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if os.path.isdir(init_from) and os.path.abspath(init_from) == os.path.abspath(out_dir):
+    fail(f"init_from is out_dir '{out_dir}': use init_from='resume' to continue that run, or another --out_dir")
 if init_from == 'resume' and not os.path.exists(ckpt_path):
     fail(f"init_from='resume' but there is no checkpoint at {ckpt_path}: train with init_from='scratch' first, or set --out_dir")
 
@@ -222,11 +228,24 @@ elif init_from == 'resume':
     iter_num = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
 else:
-    print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
-    try:
-        model = GPT.from_pretrained(init_from, dict(dropout=dropout))
-    except OSError as e:
-        fail(f"cannot load GPT-2 weights '{init_from}': {str(e).splitlines()[0]}")
+    # a new run from pretrained weights; with n_exp > 1 a dense model is upcycled into an MoE
+    upcycle_args = {'n_exp': n_exp, **{k: config[k] for k in moe_defaults}} if n_exp > 1 else {}
+    if os.path.exists(os.path.join(init_from, 'ckpt.pt')):
+        print(f"Initializing from the weights of the run in {init_from}")
+        try:
+            model = model_from_checkpoint(load_checkpoint(os.path.join(init_from, 'ckpt.pt'), device), dropout=dropout)
+        except ValueError as e:
+            fail(e)
+        if upcycle_args and model.config.n_exp == 1:
+            model = model.upcycle(**upcycle_args)
+    else:
+        print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
+        try:
+            model = GPT.from_pretrained(init_from, dict(dropout=dropout, **upcycle_args))
+        except OSError as e:
+            fail(f"cannot load GPT-2 weights '{init_from}': {str(e).splitlines()[0]}")
+    if upcycle_args:
+        print(f"upcycled: every expert starts as a copy of its block's MLP ({n_exp} experts, top_k={top_k})")
     if block_size > model.config.block_size:
         fail(f"block_size={block_size} is larger than {init_from}'s {model.config.block_size}: use --block_size={model.config.block_size} or less")
     model_args = asdict(model.config)
@@ -362,6 +381,7 @@ while True:
 
     # forward backward update, with optional gradient accumulation to simulate larger batch size
     # and using the GradScaler if data type is float16
+    step_load = 0  # (MoE layers, E) tokens per expert over this step's micro-batches, for the routing bias
     for micro_step in range(gradient_accumulation_steps):
         X, Y = get_batch('train', iter_num, ddp_rank * gradient_accumulation_steps + micro_step)
         if ddp:
@@ -370,6 +390,8 @@ while True:
         with ctx:
             logits, loss = model(X, Y)
             loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
+        if raw_model.config.use_aux_free_bias:
+            step_load = step_load + torch.stack([tokens for tokens, _ in MANAGER.routing.values()])
         # backward pass, with gradient scaling if training in fp16
         scaler.scale(loss).backward()
     # clip the gradient
@@ -381,6 +403,13 @@ while True:
     scaler.update()
     # flush the gradients as soon as we can, no need for this memory anymore
     optimizer.zero_grad(set_to_none=True)
+    # aux-loss-free balancing (DeepSeek-V3): every process moves its routing biases by the loads
+    # of all processes, so the biases stay identical across processes
+    if raw_model.config.use_aux_free_bias:
+        if ddp:
+            torch.distributed.all_reduce(step_load)
+        for layer, load in zip(MANAGER.routing, step_load):
+            raw_model.transformer.h[layer].mlp.router.update_bias(load)
 
     # timing and logging
     t1 = time.time()

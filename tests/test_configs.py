@@ -3,31 +3,33 @@ Every config/*.py, read by configurator.py the way train.py reads it: it may set
 config keys, each with the type of its default.
 """
 import os
+import ast
+import builtins
 import subprocess
 import sys
 from dataclasses import fields
 
 import pytest
+import torch
 
 from model import GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, 'config')) if f.endswith('.py'))
 
-# train.py's config keys and the type of each default (nanoGPT's keys, then GPTConfig's);
-# keep in sync with train.py
-TRAIN_KEYS = dict(
-    out_dir='out', eval_interval=2000, log_interval=1, eval_iters=200, eval_only=False,
-    always_save_checkpoint=True, init_from='scratch', wandb_log=False, wandb_project='owt',
-    wandb_run_name='gpt2', dataset='openwebtext', gradient_accumulation_steps=40, batch_size=12,
-    block_size=1024, learning_rate=6e-4, max_iters=600000, weight_decay=1e-1, beta1=0.9, beta2=0.95,
-    grad_clip=1.0, decay_lr=True, warmup_iters=2000, lr_decay_iters=600000, min_lr=6e-5,
-    backend='nccl', device='cuda', dtype='bfloat16', compile=True,
-    n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=False, n_exp=1, top_k=2, use_aux_loss=False,
-    use_router_z_loss=False, use_noisy_top_k=False, aux_loss_weight=0.01, router_z_loss_weight=0.001,
-    train_capacity=1.25, eval_capacity=2.0, min_capacity=4, stride=2, use_switch_tfm_init=False,
-    switch_tfm_init_scale=1.0, router_use_full_prec=False,
-)
+def train_py_defaults():
+    """ train.py's config keys and defaults: the assignments above its `config_keys` line """
+    tree = ast.parse(open(os.path.join(ROOT, 'train.py')).read())
+    defaults = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id == 'config_keys':
+                break
+            defaults[node.targets[0].id] = eval(builtins.compile(ast.Expression(node.value), 'train.py', 'eval'), {'torch': torch})
+    return defaults
+
+
+TRAIN_KEYS = train_py_defaults()
 
 SCRIPT = """
 {defaults}

@@ -13,15 +13,17 @@ from model import GPTConfig, MOELayer
 from manager import MANAGER
 
 
-def reference_moe(x, w_g, c_fc, c_proj, fc_bias, proj_bias, k, cap, noise=None, w_noise=None):
-    """ Per-token loops. x (N, C). cap None = dropless. Returns y, aux, z, number dropped. """
+def reference_moe(x, w_g, c_fc, c_proj, fc_bias, proj_bias, k, cap, noise=None, w_noise=None, expert_bias=None):
+    """ Per-token loops. x (N, C). cap None = dropless. expert_bias (DeepSeek-V3) moves the choice
+    of experts, not the gates. Returns y, aux, z, number dropped. """
     N, E = x.size(0), w_g.size(0)
     logits = x @ w_g.t()
     if noise is not None:  # Shazeer et al. 2017 eq. (4)
         logits = logits + F.softplus(x @ w_noise.t()) * noise
     choices, gates = [], []
     for t in range(N):
-        ranked = sorted(range(E), key=lambda e: -logits[t, e].item())[:k]
+        score = logits[t] if expert_bias is None else logits[t] + expert_bias
+        ranked = sorted(range(E), key=lambda e: -score[e].item())[:k]
         choices.append(ranked)
         gates.append(torch.softmax(torch.stack([logits[t, e] for e in ranked]), 0))
     # fill slots: every token's 1st choice in token order, then every 2nd choice, ...
@@ -104,7 +106,7 @@ def run_both(layer, x, train=True, noise_seed=None):
     yr, aux, z, dropped = reference_moe(
         xr, ref_params['router.w_g.weight'], ref_params['experts.c_fc'], ref_params['experts.c_proj'],
         ref_params.get('experts.fc_bias'), ref_params.get('experts.proj_bias'), layer.top_k, cap,
-        noise=noise, w_noise=ref_params.get('router.w_noise.weight'))
+        noise=noise, w_noise=ref_params.get('router.w_noise.weight'), expert_bias=layer.router.expert_bias)
     (yr * g.view(N, -1)).sum().backward()
     ref = dict(y=yr.detach().view_as(x), aux=aux.detach(), z=z.detach(), dropped=dropped, dx=xr.grad.view_as(x),
                grads={n: p.grad for n, p in ref_params.items()})
@@ -118,6 +120,7 @@ CASES = {
     'top1': dict(top_k=1, train_capacity=1.0, min_capacity=1),
     'top3': dict(top_k=3, train_capacity=1.0, min_capacity=1),
     'no_bias': dict(bias=False, train_capacity=0.75, min_capacity=1),
+    'aux_free_bias': dict(use_aux_free_bias=True, train_capacity=1.0, min_capacity=1),
 }
 
 
@@ -132,11 +135,13 @@ def expert_path(request, monkeypatch):
 @pytest.mark.parametrize('case', list(CASES))
 def test_layer_matches_reference(case, expert_path):
     layer = make_layer(**CASES[case])
+    if layer.router.expert_bias is not None:  # a bias large enough to change choices
+        layer.router.expert_bias.copy_(torch.tensor([-1.0, 0.5, 0.0, 1.5]))
     x = skewed_input(layer=layer)
     fast, ref = run_both(layer, x)
     if case == 'dropless':
         assert ref['dropped'] == 0
-    if case in ('tight_capacity_drops', 'top1', 'top3', 'no_bias'):
+    if case in ('tight_capacity_drops', 'top1', 'top3', 'no_bias', 'aux_free_bias'):
         assert ref['dropped'] > 0, "the case is meant to drop assignments"
     assert fast['dropped'] == pytest.approx(ref['dropped'])
     torch.testing.assert_close(fast['y'], ref['y'], atol=1e-5, rtol=1e-4)

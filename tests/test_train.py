@@ -111,7 +111,9 @@ def test_resume_is_exact(workdir):
 @pytest.mark.parametrize('moe', [False, True], ids=['dense', 'moe'])
 def test_ddp_two_processes_match_one_process(workdir, moe):
     """ torchrun on 2 CPU processes (gloo) with accumulation 2 per process = 1 process with 4 """
-    args = [*TINY, *(MOE if moe else []), '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=3']
+    # the MoE run balances with the aux-free bias too: its update must use the loads of both processes
+    moe_args = [*MOE, '--use_aux_free_bias=True', '--bias_update_speed=0.01']
+    args = [*TINY, *(moe_args if moe else []), '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=3']
     ddp, single = workdir / f'out-ddp-{moe}', workdir / f'out-single-{moe}'
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
     p = train(workdir, *args, f'--out_dir={ddp}', launcher=torchrun)
@@ -121,6 +123,22 @@ def test_ddp_two_processes_match_one_process(workdir, moe):
     b = torch.load(single / 'ckpt.pt', weights_only=False)['model']
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+    if moe:
+        assert a['transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0
+
+
+def test_init_from_a_dense_run_upcycles_it(workdir):
+    dense, moe = workdir / 'out-dense-src', workdir / 'out-upcycled'
+    train(workdir, *TINY, f'--out_dir={dense}', '--max_iters=4', '--eval_interval=4')
+    p = train(workdir, *TINY, *MOE, f'--init_from={dense}', f'--out_dir={moe}', '--max_iters=2', '--eval_interval=2')
+    assert 'upcycled: every expert starts as a copy' in p.stdout
+    source = torch.load(dense / 'ckpt.pt', weights_only=False)
+    ckpt = torch.load(moe / 'ckpt.pt', weights_only=False)
+    assert ckpt['iter_num'] == 2 and ckpt['model_args']['n_exp'] == 4  # a new run of an MoE model
+    assert ckpt['model']['transformer.h.0.mlp.experts.c_fc'].shape == (4, 32, 128)
+    assert 'transformer.h.0.mlp.c_fc.weight' in source['model']
+    p = train(workdir, *TINY, f'--init_from={moe}', f'--out_dir={moe}', check=False)
+    assert p.returncode != 0 and "init_from is out_dir" in p.stderr
 
 
 def test_plots_from_a_run(workdir, moe_run):
