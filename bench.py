@@ -170,7 +170,7 @@ def onehot_moe(layer, x):
     B, T, C = x.size()
     N, E, k = B * T, layer.n_exp, layer.top_k
     x = x.view(N, C)
-    gates, topk_idx = layer.router(x)  # (N, k), (N, k)
+    gates, topk_idx, _ = layer.router(x)  # (N, k), (N, k)
     cap = layer.capacity(N)
     chose = F.one_hot(topk_idx.t(), E)  # (k, N, E) choice j of token t is expert e
     rank = chose.view(k * N, E).cumsum(0).view(k, N, E) - 1  # (k, N, E) slot in e, choice-major
@@ -190,7 +190,7 @@ def loop_moe(layer, x):
     B, T, C = x.size()
     N, E, k = B * T, layer.n_exp, layer.top_k
     x = x.view(N, C)
-    gates, topk_idx = layer.router(x)
+    gates, topk_idx, _ = layer.router(x)
     cap = layer.capacity(N)
     expert_of, gate_of = topk_idx.t().reshape(-1), gates.t().reshape(-1)  # (k*N,) assignment a = j*N + t
     ex = layer.experts
