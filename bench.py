@@ -1,7 +1,7 @@
 """
 Speed and memory of the GPT and of its MoE layer: nanoGPT's bench.py, MoE-aware. Examples:
 $ python bench.py                               # training steps of GPT-2 small with MoE: ms, tok/s, MFU, memory
-$ python bench.py --mode=layer --device=cpu --compile=False --batch_size=8 --block_size=256 --n_embd=256
+$ python bench.py --mode=layer --device=cpu --compile=False --batch_size=8 --block_size=256 --n_embd=256 --n_head=4
     # the MoE layer's forward+backward against the earlier nanoMoE's one-hot formulation and a loop over experts
 $ python bench.py --mode=step --device=cpu --compile=False --real_data=False --vocab_size=65 --batch_size=12 \
     --block_size=64 --n_layer=4 --n_head=4 --n_embd=128 --bias=True
@@ -15,6 +15,7 @@ import time
 import pickle
 import statistics
 from contextlib import nullcontext
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -91,10 +92,7 @@ else:
     X, Y = (torch.randint(vocab_size, (batch_size, block_size), device=device) for _ in range(2))
     get_batch = lambda: (X, Y)
 
-model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size,
-                  dropout=dropout, bias=bias, n_exp=n_exp, top_k=top_k, stride=stride, train_capacity=train_capacity,
-                  use_aux_loss=use_aux_loss, use_router_z_loss=use_router_z_loss,
-                  use_switch_tfm_init=use_switch_tfm_init, router_use_full_prec=router_use_full_prec)
+model_args = {f.name: globals()[f.name] for f in fields(GPTConfig) if f.name in globals()}  # the keys set above
 try:
     GPTConfig(**model_args)
 except ValueError as e:
@@ -122,7 +120,8 @@ def peak_memory(fn):
     """ Bytes allocated at the peak of fn() beyond those held when it starts. CPU torch keeps no
     allocation counters (and tracemalloc does not see its allocator), so on CPU this replays the
     profiler's record of every allocation and free (profile_memory=True) in time order. Each op's net
-    allocation counts at its start, so the transients inside one op are missed; those are small. """
+    allocation counts at its start, so the transients inside one op are missed; those are small.
+    The autograd profiler without kineto records the same and starts in ms, not seconds. """
     if device_type == 'cuda':
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -130,10 +129,10 @@ def peak_memory(fn):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated(device) - start
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with torch.autograd.profiler.profile(profile_memory=True, use_kineto=False) as prof:
         fn()
     live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+    for event in sorted(prof.function_events, key=lambda e: e.time_range.start):
         live += event.self_cpu_memory_usage
         peak = max(peak, live)
     return peak
@@ -219,7 +218,7 @@ if mode == 'model':
                                     schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active, repeat=1),
                                     on_trace_ready=torch.profiler.tensorboard_trace_handler('./bench_log'),
                                     record_shapes=False, profile_memory=False, with_stack=False, with_flops=True) as prof:
-            for k in range(wait + warmup + active):
+            for _ in range(wait + warmup + active):
                 train_step(model, optimizer, *get_batch())
                 prof.step()
         print("wrote the trace to ./bench_log")
@@ -303,7 +302,7 @@ else:  # mode == 'layer'
     for name, run in runs.items():
         print(f"{name:>8}: {dt[name] * 1000:8.2f} ms, {dt[name] / dt['ours']:5.2f}x ours, "
               f"peak memory {peak_memory(run) / 2**20:8.2f} MiB")
-    print("peak memory (MiB) vs tokens:")
+    print("peak memory (MiB, weight gradients included) vs tokens:")
     for B in [max(1, batch_size // 4) * 2**i for i in range(4)]:
         x = torch.randn(B, block_size, n_embd, device=device, requires_grad=True)
         grad = torch.randn_like(x)
