@@ -99,7 +99,7 @@ class Router(nn.Module):
         else:
             self.expert_bias = None
 
-    def forward(self, x):  # x: (N, C)
+    def forward(self, x):  # x: (N, C) -> gates (N, k), experts (N, k), tokens per expert (E,)
         if self.router_use_full_prec:
             # routing decisions are brittle in low precision (Switch §2.4, selective precision)
             with torch.autocast(device_type=x.device.type, enabled=False):
@@ -117,18 +117,21 @@ class Router(nn.Module):
             topk_idx = (logits + self.expert_bias).topk(self.top_k, dim=-1).indices  # (N, k)
             topk_logits = logits.gather(-1, topk_idx)
         gates = F.softmax(topk_logits, dim=-1)  # (N, k), softmax over the chosen k only
+        # assignments per expert, before any dropping: the aux loss's f and the layer's dispatch
+        chosen = topk_idx.view(-1)  # (N*k,)
+        tokens_per_expert = torch.zeros(self.n_exp, dtype=torch.long, device=x.device)
+        tokens_per_expert.scatter_add_(0, chosen, torch.ones_like(chosen))  # (E,)
         if self.use_aux_loss:
             # Switch eq. (4)-(6) for top-k: E * sum_e f_e * P_e, f_e the share of the k*N
             # assignments that chose e (before any dropping), P_e the mean full softmax prob.
             # Equals 1 at perfect balance. f is a count and carries no gradient.
-            ones = torch.ones(N * self.top_k, dtype=logits.dtype, device=x.device)
-            f = torch.zeros(self.n_exp, dtype=logits.dtype, device=x.device).scatter_add_(0, topk_idx.view(-1), ones)
+            f = tokens_per_expert.to(logits.dtype) / (N * self.top_k)
             P = F.softmax(logits, dim=-1).mean(dim=0)  # (E,)
-            MANAGER.add_aux_loss(self.n_exp * torch.sum(f / (N * self.top_k) * P))
+            MANAGER.add_aux_loss(self.n_exp * torch.sum(f * P))
         if self.use_router_z_loss:
             # router z-loss, ST-MoE eq. (5): keeps router logits small
             MANAGER.add_router_z_loss(torch.logsumexp(logits, dim=-1).pow(2).mean())
-        return gates, topk_idx
+        return gates, topk_idx, tokens_per_expert
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert):
@@ -156,25 +159,23 @@ class MLPExperts(nn.Module):
         end), rows past offs[-1] are unused -> grouped matmul, no padding.
         """
         if offs is None:
-            h = torch.bmm(x, self.c_fc)  # (E, cap, H)
-            if self.fc_bias is not None:
-                h = h + self.fc_bias.to(h.dtype)
-            h = torch.bmm(F.gelu(h), self.c_proj)  # (E, cap, C)
-            if self.proj_bias is not None:
-                h = h + self.proj_bias.to(h.dtype)
-            return h
+            # baddbmm adds the bias inside the matmul, and autocasts it along with the weights
+            h = torch.baddbmm(self.fc_bias, x, self.c_fc) if self.fc_bias is not None else torch.bmm(x, self.c_fc)
+            h = F.gelu(h)  # (E, cap, H)
+            return torch.baddbmm(self.proj_bias, h, self.c_proj) if self.proj_bias is not None else torch.bmm(h, self.c_proj)
         # torch._grouped_mm: public as F.grouped_mm only in newer torch than some GPU images have.
         # It does no autocast, so cast to the autocast dtype here.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         h = torch._grouped_mm(x.to(dtype), self.c_fc.to(dtype), offs=offs)  # (R, H)
         if self.fc_bias is not None:
             # expert of each row; unused rows past offs[-1] get E, a zero bias, so that nothing
-            # (their values are undefined) reaches the bias gradients
+            # (their values are undefined) reaches the bias gradients. index_select, not [], whose
+            # backward (index_put) is 2-3x slower on CPU than index_select's (index_add).
             row_expert = torch.searchsorted(offs, torch.arange(x.size(0), device=x.device, dtype=offs.dtype), right=True)
-            h = h + F.pad(self.fc_bias.squeeze(1), (0, 0, 0, 1))[row_expert].to(dtype)
+            h = h + F.pad(self.fc_bias.squeeze(1), (0, 0, 0, 1)).index_select(0, row_expert).to(dtype)
         h = torch._grouped_mm(F.gelu(h), self.c_proj.to(dtype), offs=offs)  # (R, C)
         if self.proj_bias is not None:
-            h = h + F.pad(self.proj_bias.squeeze(1), (0, 0, 0, 1))[row_expert].to(dtype)
+            h = h + F.pad(self.proj_bias.squeeze(1), (0, 0, 0, 1)).index_select(0, row_expert).to(dtype)
         return h
 
 
@@ -220,41 +221,48 @@ class MOELayer(nn.Module):
         B, T, C = x.size()
         N, E, k = B * T, self.n_exp, self.top_k
         x = x.view(N, C)
-        gates, topk_idx = self.router(x)  # (N, k), (N, k)
+        gates, topk_idx, tokens_per_expert = self.router(x)  # (N, k), (N, k), (E,)
         cap = self.capacity(N)
-
-        # Slot of each assignment within its expert. Numbering assignments a = j*N + t and stably
-        # sorting them by expert fills every expert with all first choices, in token order,
-        # before any second choice; assignments past slot cap are dropped (Switch §2.2).
-        expert_of = topk_idx.t().reshape(-1)  # (k*N,) expert of assignment a
-        order = torch.argsort(expert_of, stable=True)  # (k*N,) assignments grouped by expert
-        ones = torch.ones_like(expert_of)
-        tokens_per_expert = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert_of, ones)  # (E,)
-        first_in_order = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert  # (E,) where e starts in order
-        slot = torch.empty_like(expert_of)
-        slot[order] = torch.arange(k * N, device=x.device) - first_in_order[expert_of[order]]
-        keep = slot < cap  # (k*N,)
         kept_per_expert = tokens_per_expert.clamp(max=cap)  # (E,)
 
-        # Row of each kept assignment in the experts' input: padded (E, cap, C) for the batched
-        # matmul, or packed by expert with no gaps for the grouped matmul. Dropped ones go to an
-        # extra row past the end, which the experts never see and whose output is zero.
+        # Numbering assignments a = j*N + t and stably sorting them by expert lists each expert's
+        # assignments with all first choices, in token order, before any second choice: the fill
+        # order of its slots. Its first kept_per_expert are kept, the rest dropped (Switch §2.2).
+        expert_of = topk_idx.t().reshape(-1)  # (k*N,) expert of assignment a
+        order = torch.argsort(expert_of, stable=True)  # (k*N,) assignments grouped by expert
+        first_in_order = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert  # (E,) where e starts in order
+
+        # Rows of the experts' input: packed by expert with no gaps for the grouped matmul, or cap
+        # slots per expert, padded, for the batched matmul. Row (e, s) holds the s-th assignment of
+        # expert e in that order, if s < kept_per_expert[e]; otherwise it is empty. Each row pulls
+        # its token, so no assignment is scattered anywhere. Empty rows, and packed rows past the
+        # last expert (expert E), point at sentinels past the ends: token N (a zero input row and
+        # a discarded output row) and assignment k*N (gate 0), so that whatever they hold,
+        # undefined values included, reaches no output and no gradient.
         if _use_grouped_mm(x):
-            rows, offs = k * N, torch.cumsum(kept_per_expert, 0).to(torch.int32)
-            row = (offs - kept_per_expert)[expert_of] + slot
+            rows, ends = k * N, torch.cumsum(kept_per_expert, 0)
+            offs = ends.to(torch.int32)
+            row = torch.arange(rows, device=x.device)
+            row_expert = torch.searchsorted(ends, row, right=True)  # (rows,) E past the last expert
+            slot = row - F.pad(ends - kept_per_expert, (0, 1))[row_expert]
         else:
             rows, offs = E * cap, None
-            row = expert_of * cap + slot
-        row = torch.where(keep, row, rows)  # (k*N,)
+            row = torch.arange(rows, device=x.device)
+            row_expert, slot = row // cap, row % cap
+        filled = slot < F.pad(kept_per_expert, (0, 1))[row_expert]  # (rows,)
+        assignment = order[(F.pad(first_in_order, (0, 1))[row_expert] + slot).clamp(max=k * N - 1)]
+        assignment = torch.where(filled, assignment, k * N)  # (rows,)
+        token = torch.where(filled, assignment % N, N)  # (rows,)
 
-        # dispatch: copy each token to its k rows (index_copy's backward is a plain gather)
-        x_in = x.new_zeros(rows + 1, C).index_copy(0, row, x.repeat(k, 1))[:rows]  # (rows, C)
+        # dispatch: a gather (its backward an index_add), not a scatter of tokens into a buffer
+        x_in = F.pad(x, (0, 0, 0, 1)).index_select(0, token)  # (rows, C)
         if offs is None:
             x_in = x_in.view(E, cap, C)
         out = self.experts(x_in, offs).reshape(rows, C)
-        # combine: y_t = sum over t's kept assignments of gate * expert output; dropped add nothing
-        out = torch.cat([out, out.new_zeros(1, C)])  # (rows + 1, C)
-        y = (out[row].view(k, N, C) * gates.t().unsqueeze(-1).to(out.dtype)).sum(dim=0)  # (N, C)
+        # combine: y_t = sum over t's kept assignments of gate * expert output. index_add adds the
+        # k outputs of a token onto zero: for k = 2 the same sum in any order, on any device.
+        gate = F.pad(gates.t().reshape(-1), (0, 1)).index_select(0, assignment).to(out.dtype)  # (rows,)
+        y = out.new_zeros(N + 1, C).index_add(0, token, out * gate.unsqueeze(1))[:N]  # (N, C)
 
         MANAGER.add_routing_stats(self.layer_idx, tokens_per_expert.detach(),
                                   1.0 - kept_per_expert.sum().detach() / (k * N))
@@ -493,9 +501,10 @@ class GPT(nn.Module):
         num_nodecay_params = sum(p.numel() for p in nodecay_params)
         print(f"num decayed parameter tensors: {len(decay_params)}, with {num_decay_params:,} parameters")
         print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {num_nodecay_params:,} parameters")
-        # Create AdamW optimizer and use the fused version if it is available
+        # Create AdamW optimizer and use the fused version if it is available. On CPU too: there the
+        # unfused AdamW is a loop of small ops per tensor, and MoE models have many parameters.
         fused_available = 'fused' in inspect.signature(torch.optim.AdamW).parameters
-        use_fused = fused_available and device_type == 'cuda'
+        use_fused = fused_available and device_type in ('cuda', 'cpu')
         extra_args = dict(fused=True) if use_fused else dict()
         optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
         print(f"using fused AdamW: {use_fused}")

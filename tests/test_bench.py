@@ -1,0 +1,85 @@
+"""
+bench.py run the way a user runs it, as a subprocess at tiny configs: each mode prints its lines,
+and in mode='layer' the one-hot and loop baselines agree with MOELayer, drops included.
+Timings are printed, never asserted.
+"""
+import os
+import re
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--device=cpu', '--compile=False', '--real_data=False', '--vocab_size=64', '--batch_size=2',
+        '--block_size=16', '--n_layer=2', '--n_head=2', '--n_embd=32', '--n_exp=4', '--num_steps=2']
+
+
+def bench(*args, cwd=ROOT):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), *TINY, *args], cwd=cwd,
+                       capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr.strip()
+
+
+def layer_checks(out):
+    checks = re.findall(r"^check: (\S+) agrees with ours to (\S+) \(relative, outputs and input grads\), ([\d.]+)% dropped$",
+                        out, re.M)
+    assert [name for name, _, _ in checks] == ['one-hot', 'loop'], out
+    return [(float(diff), float(dropped)) for _, diff, dropped in checks]
+
+
+def test_layer_mode_baselines_agree_with_moe_layer_and_memory_grows_linearly():
+    # top-2 with half the slots: second choices dropped. Enough tokens that activations, not the
+    # weight gradients, dominate the peak memory.
+    code, out, err = bench('--mode=layer', '--train_capacity=0.5', '--batch_size=8', '--block_size=64', '--n_embd=16')
+    assert code == 0, err
+    for diff, dropped in layer_checks(out):
+        assert diff <= 1e-5 and dropped > 0
+    for name in ('ours', 'one-hot', 'loop'):
+        assert re.search(rf"^ *{name}: +[\d.]+ ms, +[\d.]+x ours, peak memory +[\d.]+ MiB$", out, re.M), out
+    sizes = [(int(n), float(ours), float(onehot)) for n, ours, onehot in
+             re.findall(r"^N= *(\d+): ours +([\d.]+), one-hot +([\d.]+)$", out, re.M)]
+    assert [n for n, _, _ in sizes] == [128, 256, 512, 1024]
+    (_, ours1, onehot1), (_, ours2, onehot2) = sizes[-2:]
+    assert ours2 / ours1 < 2.2  # twice the tokens, about twice the memory
+    assert onehot2 / onehot1 > 3.0  # its (N, E, cap) tensors: about four times
+
+
+def test_layer_mode_baselines_agree_top1_without_bias():
+    code, out, err = bench('--mode=layer', '--train_capacity=0.5', '--top_k=1', '--bias=False')
+    assert code == 0, err
+    for diff, dropped in layer_checks(out):
+        assert diff <= 1e-5 and dropped > 0
+
+
+def test_step_mode_prints_dense_and_moe():
+    code, out, err = bench('--mode=step')
+    assert code == 0, err
+    for name in ('dense', 'moe'):
+        assert re.search(rf"^ *{name}: +[\d.]+ ms/step, +[\d,]+ tok/s, [\d.]+ GFLOP/step$", out, re.M), out
+    assert re.search(r"^moe/dense: time [\d.]+x, FLOPs [\d.]+x$", out, re.M), out
+
+
+def test_model_mode_on_real_data_with_mfu(tmp_path):
+    data_dir = tmp_path / 'data' / 'tiny'
+    data_dir.mkdir(parents=True)
+    np.random.default_rng(0).integers(0, 50, 1000).astype(np.uint16).tofile(data_dir / 'train.bin')
+    with open(data_dir / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': 50}, f)
+    code, out, err = bench('--real_data=True', '--dataset=tiny', '--peak_flops=1e12', cwd=tmp_path)
+    assert code == 0, err
+    assert re.search(r"^time per iteration: [\d.]+ms, [\d,]+ tok/s, MFU [\d.]+%$", out, re.M), out
+    assert re.search(r"^peak memory of a step: [\d.]+ MiB beyond the [\d.]+ MiB of weights and optimizer state$", out, re.M)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--mode=layers'], "error: mode='layers' is not 'model', 'layer' or 'step'"),
+    (['--real_data=True', '--dataset=nope'],
+     "error: data/nope/train.bin not found: run python data/nope/prepare.py first, or use --real_data=False"),
+])
+def test_bad_settings_stop_with_one_line(args, message):
+    code, out, err = bench(*args)
+    assert code != 0
+    assert err == message
