@@ -87,7 +87,7 @@ def test_bias_picks_experts_but_gates_come_from_unbiased_logits():
     layer = moe_layer(use_aux_free_bias=True, train_capacity=0.0)
     layer.router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 100.0]))
     x = torch.randn(20, 32)
-    gates, topk_idx = layer.router(x)
+    gates, topk_idx, _ = layer.router(x)
     assert (topk_idx == 3).any(dim=-1).all()  # everyone picks expert 3
     logits = x @ layer.router.w_g.weight.t()
     torch.testing.assert_close(gates, F.softmax(logits.gather(-1, topk_idx), dim=-1))
