@@ -170,7 +170,7 @@ class MLPExperts(nn.Module):
         if self.fc_bias is not None:
             # expert of each row; unused rows past offs[-1] get E, a zero bias, so that nothing
             # (their values are undefined) reaches the bias gradients. index_select, not [], whose
-            # backward (index_put) is 2-3x slower on CPU than index_select's (index_add).
+            # backward (index_put) is about 2x slower on CPU than index_select's (index_add).
             row_expert = torch.searchsorted(offs, torch.arange(x.size(0), device=x.device, dtype=offs.dtype), right=True)
             h = h + F.pad(self.fc_bias.squeeze(1), (0, 0, 0, 1)).index_select(0, row_expert).to(dtype)
         h = torch._grouped_mm(F.gelu(h), self.c_proj.to(dtype), offs=offs)  # (R, C)
