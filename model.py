@@ -184,7 +184,8 @@ def _use_grouped_mm(x):
     elsewhere (CPU under torch.compile, other GPUs and dtypes) the padded batched matmul. """
     if x.device.type == 'cuda':
         compute_dtype = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else x.dtype
-        return compute_dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) == (9, 0)
+        props = torch.cuda.get_device_properties(x.device)  # torch.compile folds this to a constant
+        return compute_dtype == torch.bfloat16 and (props.major, props.minor) == (9, 0)
     return x.device.type == 'cpu' and not torch.compiler.is_compiling()
 
 
