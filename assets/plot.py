@@ -8,6 +8,7 @@ assignments each expert received, per MoE layer, over iterations (1/n_exp everyw
 perfect balance).
 """
 import os
+import re
 import json
 import argparse
 
@@ -93,6 +94,6 @@ if __name__ == '__main__':
     print(f"wrote {os.path.join(args.out, 'loss.png')}")
     for label, (train, _) in runs.items():
         if any('routing' in r for r in train):
-            path = os.path.join(args.out, f'expert_load_{label}.png')
+            path = os.path.join(args.out, 'expert_load_' + re.sub(r'[^A-Za-z0-9.-]+', '_', label) + '.png')
             plot_expert_load(train, label, path)
             print(f"wrote {path}")
