@@ -231,9 +231,6 @@ def test_compiled_moe_model_has_no_graph_breaks_or_recompiles():
     torch._dynamo.reset()
     model = tiny(use_noisy_top_k=True)
     idx, targets = batch()
-    explanation = torch._dynamo.explain(model)(idx, targets)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    torch._dynamo.reset()
     compiled = torch.compile(model, backend='aot_eager')
     from torch._dynamo.utils import counters
     counters.clear()
@@ -246,4 +243,5 @@ def test_compiled_moe_model_has_no_graph_breaks_or_recompiles():
         _, loss = compiled(*batch(seed=seed))
         loss.backward()
     assert counters['stats']['unique_graphs'] == 2  # one graph for eval, one for train
+    assert not counters['graph_break'], dict(counters['graph_break'])
     assert len(MANAGER.aux_loss) == 2  # the side effects of the compiled forward reach MANAGER

@@ -5,6 +5,7 @@ mid-write; a loss that blows up stops the run without touching the last good che
 import os
 import sys
 import pickle
+import shutil
 import subprocess
 
 import numpy as np
@@ -45,7 +46,6 @@ def fails_with(cwd, args, message, launcher_code=None):
 
 @pytest.mark.parametrize('args,message', [
     (['--n_expp=8'], "error: unknown config key 'n_expp' on the command line (did you mean 'n_exp'?)"),
-    (['--n_exp=2.5'], "error: config key 'n_exp' on the command line must be int, got float 2.5"),
     (['--n_exp=4', '--top_k=5'], "error: top_k=5 must be between 1 and n_exp=4"),
     (['--n_embd=30', '--n_head=4'], "error: n_embd=30 is not divisible by n_head=4: pick n_embd a multiple of n_head"),
     (['--init_from=gtp2'], "error: init_from='gtp2' is not 'scratch', 'resume', a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local GPT-2 directory"),
@@ -146,9 +146,9 @@ model.GPT.forward = nan_forward
     (1, "error: loss is nan at iter 10"),  # caught on the next log line
     (100, "error: eval loss is {'train': nan, 'val': nan} at iter 12"),  # caught by the eval before the save
 ])
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, tmp_path, log_interval, message):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, trained, tmp_path, log_interval, message):
     out = tmp_path / 'out'
-    train(workdir, *TINY, *MOE, f'--out_dir={out}', '--max_iters=4', '--eval_interval=4')
+    shutil.copytree(trained, out)  # a checkpoint at iteration 4
     # resumed at iteration 4: training forwards 7 on are those of iterations 10 on
     args = [*TINY, *MOE, f'--out_dir={out}', '--init_from=resume', '--max_iters=14', '--eval_interval=4',
             f'--log_interval={log_interval}']
