@@ -436,7 +436,9 @@ while True:
             routing = routing_stats()
             drop = sum(d for _, d in routing.values()) / n_moe
             top_share = max(max(shares) for shares, _ in routing.values())
-            line += f", aux {auxf:.3f}, z {zf:.3f}, drop {drop * 100:.1f}%, top {top_share * 100:.0f}%"
+            line += f", aux {auxf:.3f}" if MANAGER.aux_loss else ""
+            line += f", z {zf:.3f}" if MANAGER.router_z_loss else ""
+            line += f", drop {drop * 100:.1f}%, top {top_share * 100:.0f}%"
             record.update(aux=auxf, z=zf, drop=drop, top_share=top_share, routing={str(k): v for k, v in routing.items()})
         line += f", {dt * 1000:.1f}ms, {tokens_per_iter / dt / 1000:.1f}k tok/s"
         if running_mfu > 0:
