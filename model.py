@@ -125,7 +125,7 @@ class Router(nn.Module):
             # Switch eq. (4)-(6) for top-k: E * sum_e f_e * P_e, f_e the share of the k*N
             # assignments that chose e (before any dropping), P_e the mean full softmax prob.
             # Equals 1 at perfect balance. f is a count and carries no gradient.
-            f = tokens_per_expert.to(logits.dtype) / (N * self.top_k)
+            f = tokens_per_expert.float() / (N * self.top_k)  # float32: bf16 cannot count past 256 exactly
             P = F.softmax(logits, dim=-1).mean(dim=0)  # (E,)
             MANAGER.add_aux_loss(self.n_exp * torch.sum(f * P))
         if self.use_router_z_loss:

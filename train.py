@@ -224,7 +224,8 @@ elif init_from == 'resume':
     model_args = dict(checkpoint['model_args'])
     if block_size > model_args['block_size']:
         fail(f"block_size={block_size} is larger than the checkpoint's {model_args['block_size']}: use --block_size={model_args['block_size']} or less")
-    model = model_from_checkpoint(checkpoint)
+    model_args['dropout'] = dropout  # as nanoGPT, the one model key a resume may change
+    model = model_from_checkpoint(checkpoint, dropout=dropout)
     iter_num = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
 else:
@@ -238,14 +239,17 @@ else:
             fail(e)
         if upcycle_args and model.config.n_exp == 1:
             model = model.upcycle(**upcycle_args)
+            print(f"upcycled: every expert starts as a copy of its block's MLP ({n_exp} experts, top_k={top_k})")
+        elif upcycle_args:
+            print(f"warning: the run in {init_from} is already MoE: its own MoE keys are used, not the given ones")
     else:
         print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
         try:
             model = GPT.from_pretrained(init_from, dict(dropout=dropout, **upcycle_args))
         except OSError as e:
             fail(f"cannot load GPT-2 weights '{init_from}': {str(e).splitlines()[0]}")
-    if upcycle_args:
-        print(f"upcycled: every expert starts as a copy of its block's MLP ({n_exp} experts, top_k={top_k})")
+        if upcycle_args:
+            print(f"upcycled: every expert starts as a copy of its block's MLP ({n_exp} experts, top_k={top_k})")
     if block_size > model.config.block_size:
         fail(f"block_size={block_size} is larger than {init_from}'s {model.config.block_size}: use --block_size={model.config.block_size} or less")
     model_args = asdict(model.config)
@@ -265,7 +269,8 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
     optimizer.load_state_dict(checkpoint['optimizer'])
-    scaler.load_state_dict(checkpoint['scaler'])
+    if checkpoint['scaler']:  # empty when the run was not float16
+        scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = None  # free up memory
 
 # compile the model

@@ -163,3 +163,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, trained, tmp_pat
     ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
     assert ckpt['iter_num'] == 8  # the eval at 8 saved; nothing after the loss went bad
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+
+def test_resume_of_a_float32_run_in_float16(workdir, trained, tmp_path):
+    """ the float32 run saved an empty GradScaler state; float16 turns the scaler on """
+    out = tmp_path / 'out'
+    shutil.copytree(trained, out)
+    train(workdir, *TINY, *MOE, f'--out_dir={out}', '--init_from=resume', '--dtype=float16', '--max_iters=6', '--eval_interval=6')
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    assert ckpt['iter_num'] == 6 and ckpt['scaler']['scale'] > 0
