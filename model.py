@@ -165,7 +165,7 @@ class MLPExperts(nn.Module):
             return torch.baddbmm(self.proj_bias, h, self.c_proj) if self.proj_bias is not None else torch.bmm(h, self.c_proj)
         # torch._grouped_mm: public as F.grouped_mm only in newer torch than some GPU images have.
         # It does no autocast, so cast to the autocast dtype here.
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = _compute_dtype(x)
         h = torch._grouped_mm(x.to(dtype), self.c_fc.to(dtype), offs=offs)  # (R, H)
         if self.fc_bias is not None:
             # expert of each row; unused rows past offs[-1] get E, a zero bias, so that nothing
@@ -179,13 +179,17 @@ class MLPExperts(nn.Module):
         return h
 
 
+def _compute_dtype(x):
+    """ the dtype matmuls on x run in: autocast's where it is on """
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 def _use_grouped_mm(x):
     """ Grouped matmul where a kernel exists: CPU eager, and bf16 on Hopper (CUTLASS kernel);
     elsewhere (CPU under torch.compile, other GPUs and dtypes) the padded batched matmul. """
     if x.device.type == 'cuda':
-        compute_dtype = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else x.dtype
         props = torch.cuda.get_device_properties(x.device)  # torch.compile folds this to a constant
-        return compute_dtype == torch.bfloat16 and (props.major, props.minor) == (9, 0)
+        return _compute_dtype(x) == torch.bfloat16 and (props.major, props.minor) == (9, 0)
     return x.device.type == 'cpu' and not torch.compiler.is_compiling()
 
 

@@ -239,17 +239,17 @@ else:
             fail(e)
         if upcycle_args and model.config.n_exp == 1:
             model = model.upcycle(**upcycle_args)
-            print(f"upcycled: every expert starts as a copy of its block's MLP ({n_exp} experts, top_k={top_k})")
         elif upcycle_args:
             print(f"warning: the run in {init_from} is already MoE: its own MoE keys are used, not the given ones")
+            upcycle_args = {}
     else:
         print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
         try:
             model = GPT.from_pretrained(init_from, dict(dropout=dropout, **upcycle_args))
         except OSError as e:
             fail(f"cannot load GPT-2 weights '{init_from}': {str(e).splitlines()[0]}")
-        if upcycle_args:
-            print(f"upcycled: every expert starts as a copy of its block's MLP ({n_exp} experts, top_k={top_k})")
+    if upcycle_args:
+        print(f"upcycled: every expert starts as a copy of its block's MLP ({n_exp} experts, top_k={top_k})")
     if block_size > model.config.block_size:
         fail(f"block_size={block_size} is larger than {init_from}'s {model.config.block_size}: use --block_size={model.config.block_size} or less")
     model_args = asdict(model.config)
