@@ -5,7 +5,8 @@ $ python bench.py --mode=layer --device=cpu --compile=False --batch_size=8 --blo
     # the MoE layer's forward+backward against the earlier nanoMoE's one-hot formulation and a loop over experts
 $ python bench.py --mode=step --device=cpu --compile=False --real_data=False --vocab_size=65 --batch_size=12 \
     --block_size=64 --n_layer=4 --n_head=4 --n_embd=128 --bias=True
-    # a whole training step (forward, backward, AdamW) of the dense model against the MoE model
+    # a whole training step (forward, backward, AdamW) of the MoE model against the dense model of the same
+    # shape and the dense model of the same FLOPs
 Timings are medians over num_steps; the formulations or models compared run interleaved, step by step,
 so that a busy machine slows them alike.
 """
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import GPTConfig, GPT
+from model import GPTConfig, GPT, MLP
 from manager import MANAGER
 
 # -----------------------------------------------------------------------------
@@ -47,6 +48,7 @@ bias = False
 n_exp = 8
 top_k = 2
 stride = 2
+expert_hidden = 0
 train_capacity = 1.25
 use_aux_loss = True
 use_router_z_loss = True
@@ -138,8 +140,14 @@ def peak_memory(fn):
     return peak
 
 
-def make_model(n_exp):
-    model = GPT(GPTConfig(**{**model_args, 'n_exp': n_exp})).to(device)
+def make_model(n_exp, flop_equivalent=False):
+    """ flop_equivalent: the dense model with the MoE's active FLOPs, its MLPs in the MoE's
+    blocks top_k experts wide """
+    model = GPT(GPTConfig(**{**model_args, 'n_exp': n_exp}))
+    if flop_equivalent:
+        for block in model.transformer.h[::stride]:
+            block.mlp = MLP(model.config, top_k * (expert_hidden or 4 * n_embd))
+    model.to(device)
     optimizer = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95), device_type=device_type)
     return model, torch.compile(model) if compile else model, optimizer
 
@@ -172,7 +180,7 @@ def onehot_moe(layer, x):
     gates, topk_idx, _ = layer.router(x)  # (N, k), (N, k)
     cap = layer.capacity(N)
     chose = F.one_hot(topk_idx.t(), E)  # (k, N, E) choice j of token t is expert e
-    rank = chose.view(k * N, E).cumsum(0).view(k, N, E) - 1  # (k, N, E) slot in e, choice-major
+    rank = chose.reshape(k * N, E).cumsum(0).view(k, N, E) - 1  # (k, N, E) slot in e, choice-major
     chose = chose * (rank < cap)  # drop what overflows
     slot = (chose * rank).sum(-1)  # (k, N)
     weight = chose * gates.t().unsqueeze(-1)  # (k, N, E)
@@ -239,7 +247,7 @@ if mode == 'model':
               f"beyond the {held / 2**20:.1f} MiB of weights and optimizer state")
 
 elif mode == 'step':
-    models = {'dense': make_model(1), 'moe': make_model(n_exp)}
+    models = {'dense': make_model(1), 'dense-eq': make_model(1, flop_equivalent=True), 'moe': make_model(n_exp)}
     for _ in range(10):
         for _, model, optimizer in models.values():
             train_step(model, optimizer, *get_batch())
@@ -251,9 +259,10 @@ elif mode == 'step':
     dt = {name: statistics.median(t) for name, t in times.items()}
     flops = {name: step_flops(raw_model) for name, (raw_model, _, _) in models.items()}
     for name in models:
-        print(f"{name:>5}: {dt[name] * 1000:8.2f} ms/step, {batch_size * block_size / dt[name]:9,.0f} tok/s, "
+        print(f"{name:>8}: {dt[name] * 1000:8.2f} ms/step, {batch_size * block_size / dt[name]:9,.0f} tok/s, "
               f"{flops[name] / 1e9:.2f} GFLOP/step")
-    print(f"moe/dense: time {dt['moe'] / dt['dense']:.3f}x, FLOPs {flops['moe'] / flops['dense']:.3f}x")
+    print(f"moe/dense: time {dt['moe'] / dt['dense']:.3f}x, FLOPs {flops['moe'] / flops['dense']:.3f}x; "
+          f"moe/dense-eq: time {dt['moe'] / dt['dense-eq']:.3f}x, FLOPs {flops['moe'] / flops['dense-eq']:.3f}x")
 
 else:  # mode == 'layer'
     layer = GPT(GPTConfig(**{**model_args, 'n_layer': 1})).transformer.h[0].mlp.to(device)  # GPT's init

@@ -54,12 +54,16 @@ def test_layer_mode_baselines_agree_top1_without_bias():
         assert diff <= 1e-5 and dropped > 0
 
 
-def test_step_mode_prints_dense_and_moe():
+def test_step_mode_times_moe_against_dense_and_flop_equivalent_dense():
     code, out, err = bench('--mode=step')
     assert code == 0, err
-    for name in ('dense', 'moe'):
+    for name in ('dense', 'dense-eq', 'moe'):
         assert re.search(rf"^ *{name}: +[\d.]+ ms/step, +[\d,]+ tok/s, [\d.]+ GFLOP/step$", out, re.M), out
-    assert re.search(r"^moe/dense: time [\d.]+x, FLOPs [\d.]+x$", out, re.M), out
+    ratios = re.search(r"^moe/dense: time [\d.]+x, FLOPs ([\d.]+)x; moe/dense-eq: time [\d.]+x, FLOPs ([\d.]+)x$", out, re.M)
+    assert ratios, out
+    flops_vs_dense, flops_vs_dense_eq = map(float, ratios.groups())
+    assert flops_vs_dense > 1.1  # the MoE blocks run top_k = 2 experts per token
+    assert flops_vs_dense_eq == pytest.approx(1.0, abs=0.01)  # the same but for the router
 
 
 def test_model_mode_on_real_data_with_mfu(tmp_path):
