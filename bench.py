@@ -4,7 +4,7 @@ $ python bench.py                               # training steps of GPT-2 small 
 $ python bench.py --mode=layer --device=cpu --compile=False --batch_size=8 --block_size=256 --n_embd=256 --n_head=4
     # the MoE layer's forward+backward against the earlier nanoMoE's one-hot formulation and a loop over experts
 $ python bench.py --mode=step --device=cpu --compile=False --real_data=False --vocab_size=65 --batch_size=12 \
-    --block_size=64 --n_layer=4 --n_head=4 --n_embd=128 --bias=True
+    --block_size=64 --n_layer=4 --n_head=4 --n_embd=128
     # a whole training step (forward, backward, AdamW) of the MoE model against the dense model of the same
     # shape and the dense model of the same FLOPs
 Timings are medians over num_steps; the formulations or models compared run interleaved, step by step,
