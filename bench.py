@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import GPTConfig, GPT, MLP
+from model import GPTConfig, GPT, MLP, keep_freed_cpu_memory
 from manager import MANAGER
 
 # -----------------------------------------------------------------------------
@@ -67,6 +67,8 @@ torch.manual_seed(seed)
 device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 device_type = 'cuda' if 'cuda' in device else 'cpu'
 dtype = dtype or ('float32' if device_type == 'cpu' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16')
+if device_type == 'cpu':
+    keep_freed_cpu_memory()  # fewer page faults, see model.py
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]

@@ -14,7 +14,9 @@ E experts, k experts per token, cap slots per expert. An "assignment" is one (to
 pair; there are k*N of them, numbered a = j*N + t (choice j of token t).
 """
 
+import sys
 import math
+import ctypes
 import inspect
 from dataclasses import dataclass, asdict
 
@@ -177,6 +179,23 @@ class MLPExperts(nn.Module):
         if self.proj_bias is not None:
             h = h + F.pad(self.proj_bias.squeeze(1), (0, 0, 0, 1)).index_select(0, row_expert).to(dtype)
         return h
+
+
+def keep_freed_cpu_memory():
+    """ Training on CPU: glibc's malloc returns big freed blocks to the OS (mmap'd blocks above a
+    threshold, and the heap's top above another), so each step's activations come back as fresh
+    pages, and every first write to a 4 KiB page is a page fault. Raising both thresholds keeps
+    freed memory in the process for the next step. Measured on 2 cores (bench.py --mode=step, the
+    CPU baby config, three runs with and three without, alternating): the dense step 42-53 ms
+    instead of 55-61, the MoE step 62-75 instead of 85-98; the MoE, which allocates more blocks,
+    gains most. Peak memory is unchanged; it is only not handed back. Linux only:
+    elsewhere it returns False and changes nothing. """
+    if not sys.platform.startswith('linux'):
+        return False
+    mallopt = ctypes.CDLL(None).mallopt  # the C library the process runs on
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    # 32 MiB is the largest mmap threshold every 64-bit glibc accepts; blocks above it stay mmap'd
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
 
 
 def _compute_dtype(x):

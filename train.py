@@ -31,7 +31,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
 
-from model import GPTConfig, GPT, load_checkpoint, model_from_checkpoint
+from model import GPTConfig, GPT, load_checkpoint, model_from_checkpoint, keep_freed_cpu_memory
 from manager import MANAGER
 
 # -----------------------------------------------------------------------------
@@ -159,6 +159,8 @@ if master_process:
 torch.manual_seed(seed)  # the model's initial weights
 if not dtype:
     dtype = 'float32' if device_type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+if device_type == 'cpu':
+    keep_freed_cpu_memory()  # fewer page faults, see model.py
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
