@@ -205,6 +205,7 @@ def get_batch(split, it, micro):
 # init these up here, can override if init_from='resume' (i.e. from a checkpoint)
 iter_num = 0
 best_val_loss = 1e9
+train_s = 0.0  # seconds of training steps so far, evals and checkpoints left out: the wall clock runs compare on
 checkpoint = None
 
 # model init
@@ -230,6 +231,7 @@ elif init_from == 'resume':
     model = model_from_checkpoint(checkpoint, dropout=dropout)
     iter_num = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
+    train_s = checkpoint.get('train_s', 0.0)  # the earlier nanoMoE's checkpoints have none
 else:
     # a new run from pretrained weights; with n_exp > 1 a dense model is upcycled into an MoE
     upcycle_args = {'n_exp': n_exp, **{k: config[k] for k in moe_defaults}} if n_exp > 1 else {}
@@ -327,6 +329,7 @@ def save_checkpoint():
         'model_args': model_args,
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
+        'train_s': train_s,
         'config': config,
     }
     print(f"saving checkpoint to {out_dir}")
@@ -369,13 +372,14 @@ while True:
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
 
-    # evaluate the loss on train/val sets and write checkpoints
+    # evaluate the loss on train/val sets and write checkpoints; the step's time dt leaves this out
     if iter_num % eval_interval == 0 and master_process:
+        t_eval = time.time()
         losses = estimate_loss()
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         if not all(math.isfinite(v) for v in losses.values()):
             fail(f"eval loss is {losses} at iter {iter_num}; the last good checkpoint is kept. Last logged losses (iter, loss, aux, z): {recent_losses}")
-        log_file.write(json.dumps(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr)) + '\n')
+        log_file.write(json.dumps(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr, train_s=train_s)) + '\n')
         log_file.flush()
         if wandb_log:
             wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr, "mfu": running_mfu * 100})
@@ -383,6 +387,7 @@ while True:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0:
                 save_checkpoint()
+        t0 += time.time() - t_eval
     if iter_num == 0 and eval_only:
         break
 
@@ -422,6 +427,7 @@ while True:
     t1 = time.time()
     dt = t1 - t0
     t0 = t1
+    train_s += dt
     if iter_num % log_interval == 0 and master_process:
         # get loss as float. note: this is a CPU-GPU sync point
         # scale up to undo the division above, approximating the true total loss (exact would have been a sum)
@@ -438,7 +444,7 @@ while True:
                 mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         line = f"iter {iter_num}: loss {lossf:.4f}"
-        record = dict(iter=iter_num, loss=lossf, lr=lr, dt_ms=dt * 1000)
+        record = dict(iter=iter_num, loss=lossf, lr=lr, dt_ms=dt * 1000, train_s=train_s)
         if n_moe:
             routing = routing_stats()
             drop = sum(d for _, d in routing.values()) / n_moe

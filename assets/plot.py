@@ -2,10 +2,10 @@
 Turn the log.jsonl files that train.py writes into the README's plots.
 $ python assets/plot.py out-dense out-moe --labels=dense,moe --out=assets
 
-Writes <out>/loss.png: val loss of every run over iterations and over wall-clock seconds
-(train loss faint), and <out>/expert_load_<label>.png for each MoE run: the share of
-assignments each expert received, per MoE layer, over iterations (1/n_exp everywhere is
-perfect balance).
+Writes <out>/loss.png: val loss of every run over iterations and over seconds of training
+(train_s in the log: evals and checkpoints left out; train loss faint), and
+<out>/expert_load_<label>.png for each MoE run: the share of assignments each expert received,
+per MoE layer, over iterations (1/n_exp everywhere is perfect balance).
 """
 import os
 import re
@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 
 
 def read_log(out_dir):
-    """ train records (iter, loss, dt_ms, routing) and eval records (iter, val_loss) of a run;
+    """ train records (iter, loss, dt_ms, routing) and eval records (iter, val_loss, train_s) of a run;
     a resumed run logs its first iteration twice, the later record wins """
     train, evals = {}, {}
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
@@ -28,25 +28,14 @@ def read_log(out_dir):
     return [train[i] for i in sorted(train)], [evals[i] for i in sorted(evals)]
 
 
-def elapsed_seconds(train):
-    """ wall clock at each logged iteration, from the logged step times; with log_interval > 1
-    each logged dt stands for the iterations since the previous log line """
-    iters = np.array([r['iter'] for r in train])
-    dts = np.array([r['dt_ms'] for r in train]) / 1000
-    steps = np.diff(iters, prepend=iters[0] - 1) if len(iters) else iters
-    return dict(zip(iters.tolist(), np.cumsum(dts * steps).tolist()))
-
-
 def plot_losses(runs, path):
     fig, (ax_iter, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, (train, evals) in runs.items():
-        clock = elapsed_seconds(train)
         line, = ax_iter.plot([r['iter'] for r in evals], [r['val_loss'] for r in evals], marker='.', label=label)
         ax_iter.plot([r['iter'] for r in train], [r['loss'] for r in train], alpha=0.15, color=line.get_color())
-        timed = [r for r in evals if r['iter'] in clock]
-        ax_time.plot([clock[r['iter']] for r in timed], [r['val_loss'] for r in timed], marker='.', label=label)
+        ax_time.plot([r['train_s'] for r in evals], [r['val_loss'] for r in evals], marker='.', label=label)
     ax_iter.set_xlabel('iteration')
-    ax_time.set_xlabel('wall clock (s)')
+    ax_time.set_xlabel('seconds of training (evals left out)')
     for ax in (ax_iter, ax_time):
         ax.set_ylabel('val loss')
         ax.grid(alpha=0.3)

@@ -78,6 +78,20 @@ def test_moe_training_lowers_loss_and_checkpoints_every_moe_key(moe_run):
     assert len(shares) == 4 and abs(sum(shares) - 1) < 1e-5 and 0 <= dropped < 1
 
 
+def test_train_seconds_add_up_the_steps_and_leave_evals_out(moe_run):
+    # log_interval=1: every step is logged, so train_s is the running sum of the logged step times
+    out, _ = moe_run
+    steps, train_s = logged(out, 'dt_ms'), dict(logged(out, 'train_s'))
+    total = 0.0
+    for i, dt_ms in steps:
+        total += dt_ms / 1000
+        assert abs(train_s[i] - total) < 1e-6, i
+    # an eval runs before its iteration's step and records the time of the steps before it; the
+    # eval at iteration 0 takes real time, which no step counts
+    evals = [json.loads(line) for line in open(out / 'log.jsonl') if 'val_loss' in line]
+    assert [(r['iter'], r['train_s']) for r in evals] == [(0, 0.0), (40, train_s[39])]
+
+
 def test_resume_is_exact(workdir):
     # dropout and router noise on: every random draw must replay
     args = [*TINY, *MOE, '--use_noisy_top_k=True', '--dropout=0.1', '--gradient_accumulation_steps=2',
@@ -95,6 +109,13 @@ def test_resume_is_exact(workdir):
         assert loss == reference[i], f"iter {i}: {loss} != {reference[i]}"  # bit for bit
     final = [torch.load(d / 'ckpt.pt', weights_only=False) for d in (straight, split)]
     assert final[1]['model_args']['n_exp'] == 4 and final[1]['iter_num'] == 16
+    # the seconds of training go on from the checkpoint's: iteration 8 of the resumed run adds its
+    # step to the 8 steps of the first run
+    records = [json.loads(line) for line in open(split / 'log.jsonl')]
+    first_eval_8 = records[9]  # eval 0, iterations 0..7, eval 8 of the first run
+    resumed_8 = [r for r in records if r['iter'] == 8 and 'dt_ms' in r][-1]
+    assert first_eval_8['iter'] == 8 and 'val_loss' in first_eval_8 and resumed_8['iter'] == 8
+    assert abs(resumed_8['train_s'] - first_eval_8['train_s'] - resumed_8['dt_ms'] / 1000) < 1e-6
     for k, v in final[0]['model'].items():
         assert torch.equal(v, final[1]['model'][k]), k
 
