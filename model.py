@@ -251,30 +251,29 @@ class MOELayer(nn.Module):
 
         # Numbering assignments a = j*N + t and stably sorting them by expert lists each expert's
         # assignments with all first choices, in token order, before any second choice: the fill
-        # order of its slots. Its first kept_per_expert are kept, the rest dropped (Switch §2.2).
+        # order of its slots. Its first cap are kept, the rest dropped (Switch §2.2).
         expert_of = topk_idx.t().reshape(-1)  # (k*N,) expert of assignment a
-        order = torch.argsort(expert_of, stable=True)  # (k*N,) assignments grouped by expert
+        sorted_expert, order = torch.sort(expert_of, stable=True)  # (k*N,) assignments grouped by expert
         first_in_order = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert  # (E,) where e starts in order
 
-        # Rows of the experts' input: packed by expert with no gaps for the grouped matmul, or cap
-        # slots per expert, padded, for the batched matmul. Row (e, s) holds the s-th assignment of
-        # expert e in that order, if s < kept_per_expert[e]; otherwise it is empty. Each row pulls
-        # its token, so no assignment is scattered anywhere. Empty rows, and packed rows past the
-        # last expert (expert E), point at sentinels past the ends: token N (a zero input row and
-        # a discarded output row) and assignment k*N (gate 0), so that whatever they hold,
-        # undefined values included, reaches no output and no gradient.
+        # Each row of the experts' input pulls one assignment's token, so nothing is scattered.
+        # An empty row gets the sentinels: token N (a zero input row, its output row discarded)
+        # and assignment k*N (gate 0), so that it reaches no output and no gradient.
         if _use_grouped_mm(x):
-            rows, ends = k * N, torch.cumsum(kept_per_expert, 0)
-            offs = ends.to(torch.int32)
-            row = torch.arange(rows, device=x.device)
-            row_expert = torch.searchsorted(ends, row, right=True)  # (rows,) E past the last expert
-            slot = row - F.pad(ends - kept_per_expert, (0, 1))[row_expert]
+            # the assignments in sorted order, packed by expert for the grouped matmul. A dropped
+            # one keeps its row, empty: its expert runs one row more (dropping is rare at a sane
+            # capacity), and no gathers are spent packing the kept ones tighter.
+            rows, offs = k * N, torch.cumsum(tokens_per_expert, 0).to(torch.int32)
+            filled = torch.arange(rows, device=x.device) - first_in_order[sorted_expert] < cap  # (rows,)
+            assignment = order
         else:
+            # cap slots per expert, padded for the batched matmul: slot s of expert e holds the
+            # s-th assignment of e in sorted order, if e has more than s kept
             rows, offs = E * cap, None
             row = torch.arange(rows, device=x.device)
             row_expert, slot = row // cap, row % cap
-        filled = slot < F.pad(kept_per_expert, (0, 1))[row_expert]  # (rows,)
-        assignment = order[(F.pad(first_in_order, (0, 1))[row_expert] + slot).clamp(max=k * N - 1)]
+            filled = slot < kept_per_expert[row_expert]  # (rows,)
+            assignment = order[(first_in_order[row_expert] + slot).clamp(max=k * N - 1)]
         assignment = torch.where(filled, assignment, k * N)  # (rows,)
         token = torch.where(filled, assignment % N, N)  # (rows,)
 
