@@ -188,11 +188,11 @@ def keep_freed_cpu_memory():
     freed memory in the process for the next step. Measured on 2 cores (bench.py --mode=step, the
     CPU baby config, three runs with and three without, alternating): the dense step 42-53 ms
     instead of 55-61, the MoE step 62-75 instead of 85-98; the MoE, which allocates more blocks,
-    gains most. Peak memory is unchanged; it is only not handed back. Linux only:
+    gains most. Peak memory is unchanged; it is only not handed back. glibc only:
     elsewhere it returns False and changes nothing. """
-    if not sys.platform.startswith('linux'):
+    mallopt = getattr(ctypes.CDLL(None), 'mallopt', None) if sys.platform.startswith('linux') else None
+    if mallopt is None:  # musl has none
         return False
-    mallopt = ctypes.CDLL(None).mallopt  # the C library the process runs on
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
     # 32 MiB is the largest mmap threshold every 64-bit glibc accepts; blocks above it stay mmap'd
     return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))

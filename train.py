@@ -205,7 +205,7 @@ def get_batch(split, it, micro):
 # init these up here, can override if init_from='resume' (i.e. from a checkpoint)
 iter_num = 0
 best_val_loss = 1e9
-train_s = 0.0  # seconds of training steps so far, evals and checkpoints left out: the wall clock runs compare on
+train_s = 0.0  # seconds of training steps so far (a first step's compile included), evals and checkpoints left out
 checkpoint = None
 
 # model init
@@ -231,7 +231,7 @@ elif init_from == 'resume':
     model = model_from_checkpoint(checkpoint, dropout=dropout)
     iter_num = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
-    train_s = checkpoint.get('train_s', 0.0)  # the earlier nanoMoE's checkpoints have none
+    train_s = checkpoint.get('train_s', 0.0)  # checkpoints of the earlier nanoMoE, and older ones of ours, have none
 else:
     # a new run from pretrained weights; with n_exp > 1 a dense model is upcycled into an MoE
     upcycle_args = {'n_exp': n_exp, **{k: config[k] for k in moe_defaults}} if n_exp > 1 else {}
@@ -374,6 +374,8 @@ while True:
 
     # evaluate the loss on train/val sets and write checkpoints; the step's time dt leaves this out
     if iter_num % eval_interval == 0 and master_process:
+        if device_type == 'cuda':
+            torch.cuda.synchronize()  # the last step's queued work belongs to its dt, not to the eval
         t_eval = time.time()
         losses = estimate_loss()
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")

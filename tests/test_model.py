@@ -4,6 +4,7 @@ MANAGER bookkeeping, init, optimizer groups, generate, torch.compile.
 """
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -252,7 +253,7 @@ def test_compiled_moe_model_has_no_graph_breaks_or_recompiles():
     assert len(MANAGER.aux_loss) == 2  # the side effects of the compiled forward reach MANAGER
 
 
-PAGE_FAULTS_OF_TEN_STEPS = """
+PAGE_FAULTS_PER_STEP = """
 import resource, sys, torch
 from model import GPT, GPTConfig, keep_freed_cpu_memory
 if sys.argv[1] == 'keep':
@@ -264,23 +265,24 @@ def step():
     _, loss = model(x, x)
     loss.backward()
     model.zero_grad(set_to_none=True)
-for _ in range(3):
+for _ in range(5):
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+for _ in range(20):
     step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='mallopt is glibc')
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc' or 'LD_PRELOAD' in os.environ,
+                    reason='mallopt is glibc malloc; a preloaded allocator has its own policy')
 def test_keep_freed_cpu_memory_stops_the_page_faults_of_each_step():
-    # a count of page faults, not a time: each step at the CPU baby shapes faults in ~20k fresh pages
-    # under glibc's defaults, and almost none once freed memory is kept
+    # a count of page faults, not a time: a step of a 2-layer baby config faults in about 1,000 to
+    # 3,000 fresh pages under glibc's defaults, and almost none once freed memory is kept
     faults = {}
     for mode in ('default', 'keep'):
-        p = subprocess.run([sys.executable, '-c', PAGE_FAULTS_OF_TEN_STEPS, mode], cwd=ROOT,
+        p = subprocess.run([sys.executable, '-c', PAGE_FAULTS_PER_STEP, mode], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr
-        faults[mode] = int(p.stdout.split()[-1])
-    assert faults['keep'] * 5 < faults['default'], faults
+        faults[mode] = float(p.stdout.split()[-1])
+    assert faults['default'] > 300 and faults['keep'] * 4 < faults['default'], faults

@@ -92,6 +92,17 @@ def test_train_seconds_add_up_the_steps_and_leave_evals_out(moe_run):
     assert [(r['iter'], r['train_s']) for r in evals] == [(0, 0.0), (40, train_s[39])]
 
 
+def test_step_time_leaves_out_an_eval_that_costs_many_steps(workdir):
+    # 400 forward passes of eval at iterations 5 and 10: were they in dt, those steps would be ~100x the others
+    out = workdir / 'out-long-eval'
+    train(workdir, *TINY, f'--out_dir={out}', '--max_iters=12', '--eval_interval=5', '--eval_iters=200',
+          '--always_save_checkpoint=False')
+    dt = dict(logged(out, 'dt_ms'))
+    others = sorted(v for i, v in dt.items() if i not in (0, 5, 10))
+    median = others[len(others) // 2]
+    assert dt[5] < 10 * median and dt[10] < 10 * median, (dt, median)
+
+
 def test_resume_is_exact(workdir):
     # dropout and router noise on: every random draw must replay
     args = [*TINY, *MOE, '--use_noisy_top_k=True', '--dropout=0.1', '--gradient_accumulation_steps=2',
@@ -112,7 +123,7 @@ def test_resume_is_exact(workdir):
     # the seconds of training go on from the checkpoint's: iteration 8 of the resumed run adds its
     # step to the 8 steps of the first run
     records = [json.loads(line) for line in open(split / 'log.jsonl')]
-    first_eval_8 = records[9]  # eval 0, iterations 0..7, eval 8 of the first run
+    first_eval_8 = next(r for r in records if r['iter'] == 8 and 'val_loss' in r)  # of the first run
     resumed_8 = [r for r in records if r['iter'] == 8 and 'dt_ms' in r][-1]
     assert first_eval_8['iter'] == 8 and 'val_loss' in first_eval_8 and resumed_8['iter'] == 8
     assert abs(resumed_8['train_s'] - first_eval_8['train_s'] - resumed_8['dt_ms'] / 1000) < 1e-6
