@@ -254,16 +254,17 @@ class MOELayer(nn.Module):
         # order of its slots. Its first cap are kept, the rest dropped (Switch §2.2).
         expert_of = topk_idx.t().reshape(-1)  # (k*N,) expert of assignment a
         sorted_expert, order = torch.sort(expert_of, stable=True)  # (k*N,) assignments grouped by expert
-        first_in_order = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert  # (E,) where e starts in order
+        end_in_order = torch.cumsum(tokens_per_expert, 0)  # (E,) where e ends in order
+        first_in_order = end_in_order - tokens_per_expert  # (E,) where e starts in order
 
         # Each row of the experts' input pulls one assignment's token, so nothing is scattered.
-        # An empty row gets the sentinels: token N (a zero input row, its output row discarded)
-        # and assignment k*N (gate 0), so that it reaches no output and no gradient.
+        # A row that holds no kept assignment (a dropped one, or a padding slot) still pulls a
+        # real token, but gets gate 0: it adds nothing to any output or gradient.
         if _use_grouped_mm(x):
             # the assignments in sorted order, packed by expert for the grouped matmul. A dropped
-            # one keeps its row, empty: its expert runs one row more (dropping is rare at a sane
+            # one keeps its row: its expert runs one row more (dropping is rare at a sane
             # capacity), and no gathers are spent packing the kept ones tighter.
-            rows, offs = k * N, torch.cumsum(tokens_per_expert, 0).to(torch.int32)
+            rows, offs = k * N, end_in_order.to(torch.int32)
             filled = torch.arange(rows, device=x.device) - first_in_order[sorted_expert] < cap  # (rows,)
             assignment = order
         else:
@@ -274,18 +275,17 @@ class MOELayer(nn.Module):
             row_expert, slot = row // cap, row % cap
             filled = slot < kept_per_expert[row_expert]  # (rows,)
             assignment = order[(first_in_order[row_expert] + slot).clamp(max=k * N - 1)]
-        assignment = torch.where(filled, assignment, k * N)  # (rows,)
-        token = torch.where(filled, assignment % N, N)  # (rows,)
+        token = assignment % N  # (rows,)
 
         # dispatch: a gather (its backward an index_add), not a scatter of tokens into a buffer
-        x_in = F.pad(x, (0, 0, 0, 1)).index_select(0, token)  # (rows, C)
+        x_in = x.index_select(0, token)  # (rows, C)
         if offs is None:
             x_in = x_in.view(E, cap, C)
         out = self.experts(x_in, offs).reshape(rows, C)
         # combine: y_t = sum over t's kept assignments of gate * expert output. index_add adds the
         # k outputs of a token onto zero: for k = 2 the same sum in any order, on any device.
-        gate = F.pad(gates.t().reshape(-1), (0, 1)).index_select(0, assignment).to(out.dtype)  # (rows,)
-        y = out.new_zeros(N + 1, C).index_add(0, token, out * gate.unsqueeze(1))[:N]  # (N, C)
+        gate = torch.where(filled, gates.t().reshape(-1).index_select(0, assignment), 0).to(out.dtype)  # (rows,)
+        y = out.new_zeros(N, C).index_add(0, token, out * gate.unsqueeze(1))  # (N, C)
 
         MANAGER.add_routing_stats(self.layer_idx, tokens_per_expert.detach(),
                                   1.0 - kept_per_expert.sum().detach() / (k * N))
