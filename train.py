@@ -41,7 +41,7 @@ out_dir = 'out'  # checkpoint, log.jsonl and run.json go here
 eval_interval = 2000  # iterations between evaluations (and checkpoints)
 log_interval = 1  # iterations between log lines
 eval_iters = 200  # batches per split in each evaluation
-eval_only = False  # if True, script exits right after the first eval
+eval_only = False  # if True, evaluate once (also a resumed run) and exit: no training, no checkpoint
 always_save_checkpoint = True  # if True, always save a checkpoint after each eval
 init_from = 'scratch'  # 'scratch', 'resume', 'gpt2*', a local GPT-2 dir, or another run's out_dir (its weights, a new run); n_exp > 1 upcycles a dense model
 # wandb logging
@@ -346,10 +346,11 @@ def routing_stats():
 # a record of the run next to its log: config, versions, commit
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
-    git = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(out_dir, 'run.json'), 'w') as f:
-        json.dump(dict(config=config, model_args=model_args, torch=torch.__version__, python=sys.version.split()[0],
-                       git_commit=git.stdout.strip() or None, world_size=ddp_world_size, device=device, dtype=dtype), f, indent=1)
+    if not eval_only:  # an eval leaves the record of the run it evaluates as it is
+        git = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(out_dir, 'run.json'), 'w') as f:
+            json.dump(dict(config=config, model_args=model_args, torch=torch.__version__, python=sys.version.split()[0],
+                           git_commit=git.stdout.strip() or None, world_size=ddp_world_size, device=device, dtype=dtype), f, indent=1)
     log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')  # one JSON record per log line and eval
 
 # logging
@@ -372,8 +373,9 @@ while True:
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
 
-    # evaluate the loss on train/val sets and write checkpoints; the step's time dt leaves this out
-    if iter_num % eval_interval == 0 and master_process:
+    # evaluate the loss on train/val sets and write checkpoints; the step's time dt leaves this out.
+    # eval_only evaluates at once, also a run resumed between evals, and never trains or saves
+    if (iter_num % eval_interval == 0 or eval_only) and master_process:
         if device_type == 'cuda':
             torch.cuda.synchronize()  # the last step's queued work belongs to its dt, not to the eval
         t_eval = time.time()
@@ -387,10 +389,10 @@ while True:
             wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr, "mfu": running_mfu * 100})
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
-            if iter_num > 0:
+            if iter_num > 0 and not eval_only:
                 save_checkpoint()
         t0 += time.time() - t_eval
-    if iter_num == 0 and eval_only:
+    if eval_only:
         break
 
     # forward backward update, with optional gradient accumulation to simulate larger batch size

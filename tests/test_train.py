@@ -172,3 +172,21 @@ def test_plots_from_a_run(workdir, moe_run):
     for name in ('loss.png', 'expert_load_moe.png'):
         png = workdir / 'plots' / name
         assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 10_000
+
+
+def test_eval_only_on_a_run_resumed_between_evals_evaluates_and_changes_nothing(workdir, moe_run):
+    out, _ = moe_run
+    evaluated = workdir / 'out-eval-only'
+    evaluated.mkdir()
+    for name in ('ckpt.pt', 'run.json'):
+        (evaluated / name).write_bytes((out / name).read_bytes())
+    # iteration 40 is no multiple of eval_interval=7: eval_only must still evaluate, and then stop
+    p = train(workdir, *TINY, f'--out_dir={evaluated}', '--init_from=resume', '--eval_only=True',
+              '--eval_interval=7', '--max_iters=60')
+    records = [json.loads(line) for line in open(evaluated / 'log.jsonl')]
+    assert [r['iter'] for r in records] == [40] and 'val_loss' in records[0]  # one eval, no training step
+    # the weights the run evaluated at iteration 40 and the same batches: the same loss
+    assert records[0]['val_loss'] == dict(logged(out, 'val_loss'))[40]
+    assert 'step 40:' in p.stdout
+    for name in ('ckpt.pt', 'run.json'):
+        assert (evaluated / name).read_bytes() == (out / name).read_bytes(), name
