@@ -258,8 +258,9 @@ class MOELayer(nn.Module):
         first_in_order = end_in_order - tokens_per_expert  # (E,) where e starts in order
 
         # Each row of the experts' input pulls one assignment's token, so nothing is scattered.
-        # A row that holds no kept assignment (a dropped one, or a padding slot) still pulls a
-        # real token, but gets gate 0: it adds nothing to any output or gradient.
+        # A row that holds no kept assignment (a dropped one, or a padding slot) gets a zero
+        # input and gate 0: it adds nothing to any output or gradient, and an expert that would
+        # overflow on some token (float16) reaches no token it did not keep.
         if _use_grouped_mm(x):
             # the assignments in sorted order, packed by expert for the grouped matmul. A dropped
             # one keeps its row: its expert runs one row more (dropping is rare at a sane
@@ -278,7 +279,7 @@ class MOELayer(nn.Module):
         token = assignment % N  # (rows,)
 
         # dispatch: a gather (its backward an index_add), not a scatter of tokens into a buffer
-        x_in = x.index_select(0, token)  # (rows, C)
+        x_in = torch.where(filled.unsqueeze(1), x.index_select(0, token), 0)  # (rows, C)
         if offs is None:
             x_in = x_in.view(E, cap, C)
         out = self.experts(x_in, offs).reshape(rows, C)

@@ -220,6 +220,29 @@ def test_capacity_drops_second_choices_first():
     assert torch.all(y[0, :2].abs().sum(-1) > 0)
 
 
+def test_an_expert_that_overflows_reaches_only_the_tokens_it_keeps(expert_path):
+    # the routing of test_capacity_drops_second_choices_first; experts 0 and 2 overflow on any
+    # token (finite weights of about 1e36, whose products pass the float32 maximum), as an expert
+    # can in float16. Tokens 2..5 were dropped by expert 0, and expert 2 has no tokens, only
+    # empty rows: neither may reach them.
+    layer = make_layer(n_exp=4, top_k=2, train_capacity=0.25, min_capacity=2)
+    with torch.no_grad():
+        layer.router.w_g.weight.zero_()
+        layer.router.w_g.weight[0, 0] = 2.0
+        layer.router.w_g.weight[1, 0] = 1.0
+        for e in (0, 2):
+            layer.experts.c_fc[e].normal_(0, 1e36)
+            layer.experts.c_proj[e].normal_(0, 1e36)
+    x = torch.zeros(1, 6, 16)
+    x[0, :, 0] = 1.0
+    x[0, :, 1:] = torch.randn(6, 15)
+    MANAGER.reset()
+    y = layer(x)
+    assert MANAGER.routing[0][0].tolist() == [6, 6, 0, 0]
+    assert not torch.isfinite(y[0, :2]).all()  # tokens 0 and 1 are kept by expert 0
+    assert torch.all(y[0, 2:] == 0)
+
+
 def test_aux_loss_is_one_at_perfect_balance_and_z_loss_by_hand():
     layer = make_layer(n_exp=4, top_k=2)
     with torch.no_grad():
