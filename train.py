@@ -292,16 +292,19 @@ if ddp:
 @torch.no_grad()
 def estimate_loss():
     out = {}
-    model.eval()  # eval mode: CE alone, eval capacity, no dropout or router noise
+    # the master evaluates alone, so not through DDP, whose forward may broadcast buffers (the
+    # routing bias) to processes that are not evaluating, or that have exited (eval_only)
+    eval_model = model.module if ddp else model
+    eval_model.eval()  # eval mode: CE alone, eval capacity, no dropout or router noise
     for split in ['train', 'val']:
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
             X, Y = get_batch(split, iter_num, k)
             with ctx:
-                logits, loss = model(X, Y)
+                logits, loss = eval_model(X, Y)
             losses[k] = loss.item()
         out[split] = losses.mean().item()
-    model.train()
+    eval_model.train()
     return out
 
 
@@ -346,7 +349,7 @@ def routing_stats():
 # a record of the run next to its log: config, versions, commit
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
-    if not eval_only:  # an eval leaves the record of the run it evaluates as it is
+    if not (eval_only and init_from == 'resume'):  # evaluating a run leaves its record as it is
         git = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
         with open(os.path.join(out_dir, 'run.json'), 'w') as f:
             json.dump(dict(config=config, model_args=model_args, torch=torch.__version__, python=sys.version.split()[0],
