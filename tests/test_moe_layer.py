@@ -198,10 +198,8 @@ def test_capacity_formula(N, E, k, cf, min_cap, expected):
     assert layer.capacity(N) == expected
 
 
-def test_capacity_drops_second_choices_first():
-    # every token prefers expert 0 then expert 1, 2 slots each: the 2nd choices of tokens 0 and 1
-    # are kept by expert 1 only because first choices fill first, in token order
-    layer = make_layer(n_exp=4, top_k=2, train_capacity=0.25, min_capacity=2)  # cap = max(floor(1), 2) = 2
+def six_tokens_that_prefer_expert_0_then_1(layer):
+    """ routes every token to expert 0 first and expert 1 second; returns the tokens (1, 6, C) """
     with torch.no_grad():
         layer.router.w_g.weight.zero_()
         layer.router.w_g.weight[0, 0] = 2.0
@@ -209,6 +207,14 @@ def test_capacity_drops_second_choices_first():
     x = torch.zeros(1, 6, 16)
     x[0, :, 0] = 1.0
     x[0, :, 1:] = torch.randn(6, 15)
+    return x
+
+
+def test_capacity_drops_second_choices_first():
+    # 2 slots per expert: the 2nd choices of tokens 0 and 1 are kept by expert 1 only because
+    # first choices fill first, in token order
+    layer = make_layer(n_exp=4, top_k=2, train_capacity=0.25, min_capacity=2)  # cap = max(floor(1), 2) = 2
+    x = six_tokens_that_prefer_expert_0_then_1(layer)
     MANAGER.reset()
     layer.train()
     y = layer(x)
@@ -221,21 +227,16 @@ def test_capacity_drops_second_choices_first():
 
 
 def test_an_expert_that_overflows_reaches_only_the_tokens_it_keeps(expert_path):
-    # the routing of test_capacity_drops_second_choices_first; experts 0 and 2 overflow on any
-    # token (finite weights of about 1e36, whose products pass the float32 maximum), as an expert
-    # can in float16. Tokens 2..5 were dropped by expert 0, and expert 2 has no tokens, only
-    # empty rows: neither may reach them.
+    # 2 slots per expert, as in test_capacity_drops_second_choices_first. Experts 0 and 2
+    # overflow on any token (finite weights of about 1e36, whose products pass the float32
+    # maximum), as an expert can in float16. Tokens 2..5 were dropped by expert 0, and expert 2
+    # has no tokens, only empty rows: neither may reach them.
     layer = make_layer(n_exp=4, top_k=2, train_capacity=0.25, min_capacity=2)
+    x = six_tokens_that_prefer_expert_0_then_1(layer)
     with torch.no_grad():
-        layer.router.w_g.weight.zero_()
-        layer.router.w_g.weight[0, 0] = 2.0
-        layer.router.w_g.weight[1, 0] = 1.0
         for e in (0, 2):
             layer.experts.c_fc[e].normal_(0, 1e36)
             layer.experts.c_proj[e].normal_(0, 1e36)
-    x = torch.zeros(1, 6, 16)
-    x[0, :, 0] = 1.0
-    x[0, :, 1:] = torch.randn(6, 15)
     MANAGER.reset()
     y = layer(x)
     assert MANAGER.routing[0][0].tolist() == [6, 6, 0, 0]
