@@ -157,8 +157,8 @@ class MLPExperts(nn.Module):
     def forward(self, x, offs=None):
         """
         offs None: x is (E, cap, C), expert e's tokens in x[e], padded with zeros -> batched matmul.
-        offs given: x is (R, C), expert e's tokens in rows offs[e-1]:offs[e] (offs[-1] is its
-        end), rows past offs[-1] are unused -> grouped matmul, no padding.
+        offs given: x is (offs[-1], C), expert e's tokens in rows offs[e-1]:offs[e] -> grouped
+        matmul, no padding.
         """
         if offs is None:
             # baddbmm adds the bias inside the matmul, and autocasts it along with the weights
@@ -170,14 +170,13 @@ class MLPExperts(nn.Module):
         dtype = _compute_dtype(x)
         h = torch._grouped_mm(x.to(dtype), self.c_fc.to(dtype), offs=offs)  # (R, H)
         if self.fc_bias is not None:
-            # expert of each row; unused rows past offs[-1] get E, a zero bias, so that nothing
-            # (their values are undefined) reaches the bias gradients. index_select, not [], whose
-            # backward (index_put) is about 2x slower on CPU than index_select's (index_add).
+            # expert of each row. index_select, not [], whose backward (index_put) is about 2x
+            # slower on CPU than index_select's (index_add).
             row_expert = torch.searchsorted(offs, torch.arange(x.size(0), device=x.device, dtype=offs.dtype), right=True)
-            h = h + F.pad(self.fc_bias.squeeze(1), (0, 0, 0, 1)).index_select(0, row_expert).to(dtype)
+            h = h + self.fc_bias.squeeze(1).index_select(0, row_expert).to(dtype)
         h = torch._grouped_mm(F.gelu(h), self.c_proj.to(dtype), offs=offs)  # (R, C)
         if self.proj_bias is not None:
-            h = h + F.pad(self.proj_bias.squeeze(1), (0, 0, 0, 1)).index_select(0, row_expert).to(dtype)
+            h = h + self.proj_bias.squeeze(1).index_select(0, row_expert).to(dtype)
         return h
 
 
