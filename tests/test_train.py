@@ -149,7 +149,7 @@ def test_ddp_two_processes_match_one_process(workdir, moe):
     if moe:
         assert a['transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0
         # eval_only on 2 processes: the master evaluates alone, the other process exits at once
-        p = train(workdir, *args, f'--out_dir={ddp}', '--init_from=resume', '--eval_only=True', launcher=torchrun)
+        train(workdir, *args, f'--out_dir={ddp}', '--init_from=resume', '--eval_only=True', launcher=torchrun)
         evals = logged(ddp, 'val_loss')
         assert [i for i, _ in evals] == [0, 3, 3] and evals[2][1] == evals[1][1]
 
