@@ -170,8 +170,8 @@ def step_flops(model):
 
 
 # -----------------------------------------------------------------------------
-# Baselines for mode='layer': the same router, capacity and experts as MOELayer (top-k, softmax over the
-# k, slots filled choice-major, drops not renormalised), dispatched in two other ways.
+# Baselines for mode='layer': the same router, capacity and experts as MOELayer (the router's top-k
+# and gates, slots filled choice-major, drops not renormalised), dispatched in two other ways.
 
 def onehot_moe(layer, x):
     """ The earlier nanoMoE: a one-hot (N, E, cap) dispatch mask and combine weights, applied as matmuls

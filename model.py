@@ -113,12 +113,19 @@ class Router(nn.Module):
         logits = self.w_g(x)  # (N, E)
         if self.w_noise is not None and self.training:  # noise explores in training only
             logits = logits + F.softplus(self.w_noise(x)) * torch.randn_like(logits)
+        probs = F.softmax(logits, dim=-1)  # (N, E)
         if self.expert_bias is None:
             topk_logits, topk_idx = logits.topk(self.top_k, dim=-1)  # (N, k)
         else:  # the bias picks the experts; the gates come from the unbiased logits
             topk_idx = (logits + self.expert_bias).topk(self.top_k, dim=-1).indices  # (N, k)
             topk_logits = logits.gather(-1, topk_idx)
-        gates = F.softmax(topk_logits, dim=-1)  # (N, k), softmax over the chosen k only
+        if self.top_k == 1:
+            # Switch eq. (2): the gate is p_i(x), the chosen expert's full-softmax probability, so
+            # the task loss trains the router (a softmax over the one chosen logit is always 1)
+            gates = probs.gather(-1, topk_idx)  # (N, 1)
+        else:
+            # softmax over the chosen k only, Shazeer et al. 2017 eq. (3)-(5): the gates sum to 1
+            gates = F.softmax(topk_logits, dim=-1)  # (N, k)
         # assignments per expert, before any dropping: the aux loss's f and the layer's dispatch
         chosen = topk_idx.view(-1)  # (N*k,)
         tokens_per_expert = torch.zeros(self.n_exp, dtype=torch.long, device=x.device)
@@ -128,7 +135,7 @@ class Router(nn.Module):
             # assignments that chose e (before any dropping), P_e the mean full softmax prob.
             # Equals 1 at perfect balance. f is a count and carries no gradient.
             f = tokens_per_expert.float() / (N * self.top_k)  # float32: bf16 cannot count past 256 exactly
-            P = F.softmax(logits, dim=-1).mean(dim=0)  # (E,)
+            P = probs.mean(dim=0)  # (E,)
             MANAGER.add_aux_loss(self.n_exp * torch.sum(f * P))
         if self.use_router_z_loss:
             # router z-loss, ST-MoE eq. (5): keeps router logits small
@@ -344,6 +351,9 @@ class GPTConfig:
     bias_update_speed: float = 0.001  # DeepSeek-V3's gamma: bias step per optimizer step
 
     def __post_init__(self):
+        for key in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: pick n_embd a multiple of n_head")
         if self.n_exp < 1:
@@ -489,8 +499,9 @@ class GPT(nn.Module):
     def upcycle(self, **moe_args):
         """ Sparse upcycling (Komatsuzaki et al. 2022, https://arxiv.org/abs/2212.05055): the MoE
         GPT with this dense model's weights, each MoE block's experts all copies of that block's
-        MLP, and fresh routers. Dropless, it computes what the dense model does: the k gates of a
-        token sum to 1 over k equal experts. """
+        MLP, and fresh routers. Dropless and with top_k >= 2, it computes what the dense model does:
+        the k gates of a token sum to 1 over k equal experts. With top_k = 1 each MoE block's output
+        starts as its MLP's scaled by the gate p_i(x) < 1 (Switch eq. 2). """
         config = GPTConfig(**{**asdict(self.config), **moe_args})
         if config.expert_hidden not in (0, 4 * config.n_embd) or config.n_shared_exp:
             raise ValueError("upcycling copies the dense MLP into each expert: leave expert_hidden=0 and n_shared_exp=0")

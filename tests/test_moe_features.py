@@ -34,12 +34,23 @@ def test_upcycled_gpt2_from_local_dir_has_the_dense_logits(tmp_path):
     assert moe.transformer.h[0].mlp.router.w_g.weight.std() > 0.01  # a fresh router, not a copy
 
 
-@pytest.mark.parametrize('top_k', [1, 2])
+@pytest.mark.parametrize('top_k', [2, 4])
 def test_upcycled_training_step_starts_from_the_dense_loss(top_k):
     dense = dense_gpt(bias=False)
     moe = dense.upcycle(**{**DROPLESS, 'top_k': top_k, 'use_aux_loss': False})
     idx = torch.randint(0, 64, (2, 32))
     torch.testing.assert_close(moe(idx, idx)[1], dense(idx, idx)[1], atol=1e-5, rtol=1e-5)
+
+
+def test_upcycled_top1_scales_the_mlp_by_its_gate():
+    """ top-1's gate is p_i(x) < 1 (Switch eq. 2): an upcycled MoE block starts out as its MLP's
+    output scaled, token by token, by the router's probability of the chosen expert """
+    dense = dense_gpt(bias=False)
+    moe = dense.upcycle(**{**DROPLESS, 'top_k': 1, 'use_aux_loss': False})
+    x = torch.randn(2, 32, 32)
+    layer = moe.transformer.h[0].mlp
+    probs = F.softmax(layer.router.w_g(x), dim=-1).max(dim=-1, keepdim=True).values  # (2, 32, 1)
+    torch.testing.assert_close(layer(x), probs * dense.transformer.h[0].mlp(x), atol=1e-6, rtol=1e-5)
 
 
 def test_upcycling_refuses_experts_that_cannot_be_copies():

@@ -25,7 +25,10 @@ def reference_moe(x, w_g, c_fc, c_proj, fc_bias, proj_bias, k, cap, noise=None, 
         score = logits[t] if expert_bias is None else logits[t] + expert_bias
         ranked = sorted(range(E), key=lambda e: -score[e].item())[:k]
         choices.append(ranked)
-        gates.append(torch.softmax(torch.stack([logits[t, e] for e in ranked]), 0))
+        if k == 1:  # Switch eq. (2): the gate is the full-softmax probability p_i(x)
+            gates.append(torch.softmax(logits[t], 0)[ranked])
+        else:  # Shazeer et al. 2017 eq. (3)-(5): a softmax over the k chosen logits
+            gates.append(torch.softmax(torch.stack([logits[t, e] for e in ranked]), 0))
     # fill slots: every token's 1st choice in token order, then every 2nd choice, ...
     used, kept = [0] * E, {}
     for j in range(k):
@@ -322,3 +325,12 @@ def test_grouped_path_compiles_to_one_graph_and_matches_eager(monkeypatch):
         for eager, traced in zip(*results):
             torch.testing.assert_close(traced, eager)
     assert counters['stats']['unique_graphs'] == 1
+
+
+def test_top1_router_learns_from_the_task_loss():
+    """ Switch eq. (2): with one expert the gate is p_i(x), not a softmax over one logit (always 1),
+    so the router gets a gradient from the output alone, with no aux or z loss """
+    layer = make_layer(top_k=1, train_capacity=0.0, use_aux_loss=False, use_router_z_loss=False)
+    y = layer(skewed_input(layer=layer))
+    y.square().sum().backward()
+    assert layer.router.w_g.weight.grad.abs().sum() > 0
