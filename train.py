@@ -123,11 +123,24 @@ if init_from == 'scratch':
         GPTConfig(**{k: config[k] for k in model_keys})
     except ValueError as e:
         fail(e)
+for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval'):
+    if config[key] < 1:
+        fail(f"{key}={config[key]} must be >= 1")
+if seed < 0:
+    fail(f"seed={seed} must be >= 0 (numpy seeds the batches with it)")
+if dtype not in ('', 'float32', 'bfloat16', 'float16'):
+    fail(f"dtype='{dtype}' is not one of float32, bfloat16, float16 ('' picks one for the device)")
+if decay_lr and warmup_iters >= lr_decay_iters:
+    fail(f"warmup_iters={warmup_iters} must be less than lr_decay_iters={lr_decay_iters}, or set --decay_lr=False")
+if device.startswith('cuda') and not torch.cuda.is_available():
+    fail(f"device='{device}' but torch finds no CUDA GPU: use --device=cpu, or leave device empty to pick")
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if os.path.isdir(init_from) and os.path.abspath(init_from) == os.path.abspath(out_dir):
     fail(f"init_from is out_dir '{out_dir}': use init_from='resume' to continue that run, or another --out_dir")
 if init_from == 'resume' and not os.path.exists(ckpt_path):
     fail(f"init_from='resume' but there is no checkpoint at {ckpt_path}: train with init_from='scratch' first, or set --out_dir")
+if init_from != 'resume' and any(os.path.exists(os.path.join(out_dir, f)) for f in ('ckpt.pt', 'log.jsonl')):
+    fail(f"out_dir '{out_dir}' already holds a run: continue it with --init_from=resume, or remove it, or pick another --out_dir")
 
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
@@ -225,8 +238,9 @@ elif init_from == 'resume':
         fail(e)
     # the model is the checkpoint's, every key of it, MoE keys included
     model_args = dict(checkpoint['model_args'])
-    if block_size > model_args['block_size']:
-        fail(f"block_size={block_size} is larger than the checkpoint's {model_args['block_size']}: use --block_size={model_args['block_size']} or less")
+    if block_size != model_args['block_size']:  # cropping would leave AdamW's state for wpe at the old size
+        fail(f"block_size={block_size} is not the checkpoint's {model_args['block_size']}: resume with --block_size={model_args['block_size']}, "
+             f"or start a new run from its weights with --init_from={out_dir}")
     model_args['dropout'] = dropout  # as nanoGPT, the one model key a resume may change
     model = model_from_checkpoint(checkpoint, dropout=dropout)
     iter_num = checkpoint['iter_num']
@@ -242,7 +256,10 @@ else:
         except ValueError as e:
             fail(e)
         if upcycle_args and model.config.n_exp == 1:
-            model = model.upcycle(**upcycle_args)
+            try:
+                model = model.upcycle(**upcycle_args)
+            except ValueError as e:
+                fail(e)
         elif upcycle_args:
             print(f"warning: the run in {init_from} is already MoE: its own MoE keys are used, not the given ones")
             upcycle_args = {}
@@ -252,6 +269,8 @@ else:
             model = GPT.from_pretrained(init_from, dict(dropout=dropout, **upcycle_args))
         except OSError as e:
             fail(f"cannot load GPT-2 weights '{init_from}': {str(e).splitlines()[0]}")
+        except ValueError as e:  # the upcycled model's keys
+            fail(e)
     if upcycle_args:
         print(f"upcycled: every expert starts as a copy of its block's MLP ({n_exp} experts, top_k={top_k})")
     if block_size > model.config.block_size:
@@ -265,6 +284,7 @@ if block_size < model.config.block_size:
     model_args['block_size'] = block_size  # so that the checkpoint will have the right value
 model.to(device)
 raw_model = model  # what we save: neither compiled nor DDP-wrapped
+update_routing_bias = raw_model.config.n_exp > 1 and raw_model.config.use_aux_free_bias  # DeepSeek-V3, below
 
 # initialize a GradScaler. If enabled=False scaler is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
@@ -273,7 +293,7 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
     optimizer.load_state_dict(checkpoint['optimizer'])
-    if checkpoint['scaler']:  # empty when the run was not float16
+    if checkpoint.get('scaler'):  # empty when the run was not float16; nanoGPT's checkpoints have none
         scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = None  # free up memory
 
@@ -409,7 +429,7 @@ while True:
         with ctx:
             logits, loss = model(X, Y)
             loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
-        if raw_model.config.use_aux_free_bias:
+        if update_routing_bias:
             step_load = step_load + torch.stack([tokens for tokens, _ in MANAGER.routing.values()])
         # backward pass, with gradient scaling if training in fp16
         scaler.scale(loss).backward()
@@ -424,7 +444,7 @@ while True:
     optimizer.zero_grad(set_to_none=True)
     # aux-loss-free balancing (DeepSeek-V3): every process moves its routing biases by the loads
     # of all processes, so the biases stay identical across processes
-    if raw_model.config.use_aux_free_bias:
+    if update_routing_bias:
         if ddp:
             torch.distributed.all_reduce(step_load)
         for layer, load in zip(MANAGER.routing, step_load):

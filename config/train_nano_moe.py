@@ -1,6 +1,7 @@
 # The earlier nanoMoE recipe: a small MoE GPT (6 layers, 6 heads, 384 dims, 8 experts,
-# top-2, MoE in every other block: 54.8M parameters, 33.5M active per token) on OpenWebText,
-# ~0.5M tokens per step for 50k steps (~25B tokens).
+# top-2, MoE in every other block: 54.7M parameters, 33.5M active per token, position
+# embeddings not counted, as nanoGPT) on OpenWebText, ~0.5M tokens per step for 50k steps
+# (~25B tokens).
 # First: python data/openwebtext/prepare.py
 # $ torchrun --standalone --nproc_per_node=8 train.py config/train_nano_moe.py
 # Its val loss is not yet measured with this repository.

@@ -51,6 +51,13 @@ def fails_with(cwd, args, message, launcher_code=None):
     (['--init_from=gtp2'], "error: init_from='gtp2' is not 'scratch', 'resume', a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local GPT-2 directory"),
     (['--dataset=nowhere'], "error: data/nowhere/train.bin not found: run python data/nowhere/prepare.py first"),
     (['--dataset=short'], "error: data/short/train.bin has 20 tokens, fewer than block_size + 1 = 33: use a smaller --block_size or more data"),
+    (['--n_head=0'], "error: n_head=0 must be >= 1"),
+    (['--eval_interval=0'], "error: eval_interval=0 must be >= 1"),
+    (['--gradient_accumulation_steps=0'], "error: gradient_accumulation_steps=0 must be >= 1"),
+    (['--eval_iters=0'], "error: eval_iters=0 must be >= 1"),
+    (['--seed=-1'], "error: seed=-1 must be >= 0 (numpy seeds the batches with it)"),
+    (['--dtype=fp16'], "error: dtype='fp16' is not one of float32, bfloat16, float16 ('' picks one for the device)"),
+    (['--warmup_iters=8', '--lr_decay_iters=8'], "error: warmup_iters=8 must be less than lr_decay_iters=8, or set --decay_lr=False"),
 ])
 def test_bad_config_or_data_stops_before_any_work(workdir, args, message):
     make_dataset(workdir, 'short', 20, 65)
@@ -65,9 +72,28 @@ def test_resume_without_checkpoint(workdir):
                f"error: init_from='resume' but there is no checkpoint at {out}/ckpt.pt: train with init_from='scratch' first, or set --out_dir")
 
 
-def test_resume_with_larger_block_size(workdir, trained):
-    fails_with(workdir, [*TINY, f'--out_dir={trained}', '--init_from=resume', '--block_size=64'],
-               "error: block_size=64 is larger than the checkpoint's 32: use --block_size=32 or less")
+@pytest.mark.parametrize('block_size', [64, 16])
+def test_resume_with_another_block_size(workdir, trained, block_size):
+    record = (trained / 'run.json').read_bytes()
+    fails_with(workdir, [*TINY, f'--out_dir={trained}', '--init_from=resume', f'--block_size={block_size}'],
+               f"error: block_size={block_size} is not the checkpoint's 32: resume with --block_size=32, "
+               f"or start a new run from its weights with --init_from={trained}")
+    assert (trained / 'run.json').read_bytes() == record
+
+
+def test_a_new_run_refuses_an_out_dir_that_holds_one(workdir, trained):
+    files = {f: (trained / f).read_bytes() for f in ('ckpt.pt', 'log.jsonl', 'run.json')}
+    fails_with(workdir, [*TINY, f'--out_dir={trained}'],
+               f"error: out_dir '{trained}' already holds a run: continue it with --init_from=resume, or remove it, or pick another --out_dir")
+    assert {f: (trained / f).read_bytes() for f in files} == files
+
+
+def test_upcycling_with_impossible_moe_keys_stops_with_one_line(workdir, trained, tmp_path):
+    dense = tmp_path / 'out-dense'
+    train(workdir, *TINY, f'--out_dir={dense}', '--max_iters=1', '--eval_interval=1')
+    fails_with(workdir, [*TINY, f'--init_from={dense}', f'--out_dir={tmp_path}/out-up', '--n_exp=4', '--expert_hidden=64'],
+               "error: upcycling copies the dense MLP into each expert: leave expert_hidden=0 and n_shared_exp=0")
+    assert not (tmp_path / 'out-up').exists()
 
 
 def test_resume_on_data_with_another_vocabulary(workdir, trained):
@@ -97,9 +123,11 @@ def test_truncated_or_foreign_checkpoint(workdir, tmp_path, content, message):
 
 
 def test_moe_key_with_dense_model_warns(workdir):
-    p = train(workdir, *TINY, '--top_k=4', '--use_aux_loss=True', f'--out_dir={workdir}/out-warn', '--max_iters=0')
+    p = train(workdir, *TINY, '--top_k=4', '--use_aux_loss=True', '--use_aux_free_bias=True',
+              f'--out_dir={workdir}/out-warn', '--max_iters=2')  # trains: the keys change nothing
     assert 'warning: top_k=4 has no effect with n_exp=1 (a dense model)' in p.stdout
     assert 'warning: use_aux_loss=True has no effect with n_exp=1 (a dense model)' in p.stdout
+    assert 'warning: use_aux_free_bias=True has no effect with n_exp=1 (a dense model)' in p.stdout
 
 
 def launcher(argv, patch):

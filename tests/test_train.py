@@ -131,6 +131,18 @@ def test_resume_is_exact(workdir):
         assert torch.equal(v, final[1]['model'][k]), k
 
 
+def test_resume_of_a_nanogpt_checkpoint(workdir):
+    """ nanoGPT's checkpoints have no GradScaler state and no train_s """
+    ours, theirs = workdir / 'out-ours', workdir / 'out-nanogpt'
+    train(workdir, *TINY, f'--out_dir={ours}', '--max_iters=4', '--eval_interval=4')
+    checkpoint = torch.load(ours / 'ckpt.pt', weights_only=False)
+    del checkpoint['scaler'], checkpoint['train_s']
+    theirs.mkdir()
+    torch.save(checkpoint, theirs / 'ckpt.pt')
+    train(workdir, *TINY, f'--out_dir={theirs}', '--max_iters=8', '--eval_interval=4', '--init_from=resume')
+    assert torch.load(theirs / 'ckpt.pt', weights_only=False)['iter_num'] == 8
+
+
 @pytest.mark.parametrize('moe', [False, True], ids=['dense', 'moe'])
 def test_ddp_two_processes_match_one_process(workdir, moe):
     """ torchrun on 2 CPU processes (gloo) with accumulation 2 per process = 1 process with 4 """
