@@ -63,6 +63,8 @@ if profile and mode != 'model':
     sys.exit(f"error: profile=True profiles mode='model' only, not mode='{mode}'")
 if mode != 'model' and n_exp < 2:
     sys.exit(f"error: mode='{mode}' measures an MoE layer: set --n_exp to 2 or more")
+if dtype not in ('', 'float32', 'bfloat16', 'float16'):
+    sys.exit(f"error: dtype='{dtype}' is not one of float32, bfloat16, float16 ('' picks one for the device)")
 torch.manual_seed(seed)
 device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 device_type = 'cuda' if 'cuda' in device else 'cpu'

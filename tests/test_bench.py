@@ -82,6 +82,7 @@ def test_model_mode_on_real_data_with_mfu(tmp_path):
     (['--mode=layers'], "error: mode='layers' is not 'model', 'layer' or 'step'"),
     (['--real_data=True', '--dataset=nope'],
      "error: data/nope/train.bin not found: run python data/nope/prepare.py first, or use --real_data=False"),
+    (['--dtype=fp16'], "error: dtype='fp16' is not one of float32, bfloat16, float16 ('' picks one for the device)"),
 ])
 def test_bad_settings_stop_with_one_line(args, message):
     code, out, err = bench(*args)
