@@ -12,7 +12,8 @@ The config keys are train.py's globals of type bool, int, float or str.
 Stricter than nanoGPT's: a name a config file or --key=value sets that is not a config key, or a
 value of another type (an int is accepted for a float), stops the script with one line naming
 the key and the closest valid one. Helper names in a config file start with '_'; imported
-modules are ignored.
+modules are ignored. On the command line a str key keeps the text of any value that is not a
+quoted string: --out_dir=2024 is '2024'.
 """
 import sys
 import builtins
@@ -63,6 +64,8 @@ def _configure(config, argv):
                 value = literal_eval(val)
             except (SyntaxError, ValueError):
                 value = val  # a plain string such as --device=cpu
+            if isinstance(config.get(key), str) and not isinstance(value, str):
+                value = val  # the text, not str(value): --out_dir=1e3 stays '1e3', not '1000.0'
             config[key] = checked(key, value, "on the command line")
             print(f"Overriding: {key} = {config[key]}")
 

@@ -35,12 +35,18 @@ torch.manual_seed(seed)
 torch.cuda.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
-device_type = 'cuda' if 'cuda' in device else 'cpu'  # for later use in torch.autocast
+device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'  # for later use in torch.autocast
 dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 if dtype not in dtypes:
     sys.exit(f"error: dtype='{dtype}' is not one of {', '.join(dtypes)}")
+for name, value in (('num_samples', num_samples), ('max_new_tokens', max_new_tokens), ('top_k', top_k)):
+    if value < 1:
+        sys.exit(f"error: {name}={value} must be >= 1")
+if temperature <= 0:
+    sys.exit(f"error: temperature={temperature} must be > 0: for the most likely tokens use --top_k=1")
 ptdtype = dtypes[dtype]
-ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+# autocast on every device, CPU included, as train.py does: --dtype=bfloat16 samples the way it trained
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 # model
 checkpoint = None
@@ -51,14 +57,19 @@ if init_from == 'resume':
     except ValueError as e:
         sys.exit(f"error: {e}")
 elif init_from.startswith('gpt2') or os.path.isdir(init_from):
-    model = GPT.from_pretrained(init_from, dict(dropout=0.0))
+    try:
+        model = GPT.from_pretrained(init_from, dict(dropout=0.0))
+    except OSError as e:  # transformers' error for no network, an unknown name or a directory without the files
+        sys.exit(f"error: cannot load GPT-2 weights '{init_from}' ({str(e).splitlines()[0].rstrip('.')}): give "
+                 "--init_from a directory written by GPT2LMHeadModel.save_pretrained, or connect to the Hugging Face hub")
 else:
     sys.exit(f"error: init_from='{init_from}' is neither 'resume' nor a GPT-2 model: use 'resume', 'gpt2', "
              "'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a save_pretrained directory")
 model.eval()
 model.to(device)
 if compile:
-    model = torch.compile(model)
+    # in place: generate calls self(...), which torch.compile(model) would leave uncompiled
+    model.compile()
 
 # prompt
 if start.startswith('FILE:'):

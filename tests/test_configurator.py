@@ -58,3 +58,16 @@ def test_bad_config_file_stops_with_one_line(tmp_path, source, message):
     code, values, err = run(tmp_path, 'cfg.py')
     assert code != 0 and values is None
     assert err == message
+
+
+@pytest.mark.parametrize('arg,device', [
+    ('--device=2024', '2024'),  # an int to literal_eval, as --out_dir=2024 or --start=1999
+    ('--device=1e3', '1e3'),  # the text, not str(1000.0)
+    ('--device=True', 'True'),
+    ("--device='cpu'", 'cpu'),  # a quoted string is unquoted, as before
+    ('--device=cpu', 'cpu'),
+])
+def test_str_key_keeps_command_line_text(tmp_path, arg, device):
+    code, values, err = run(tmp_path, arg)
+    assert code == 0, err
+    assert values == (12, 6e-4, True, device, 1)

@@ -1,7 +1,8 @@
 """
 sample.py run as a user runs it, on checkpoints in train.py's format (a dense and an MoE GPT,
 one saved from a torch.compile'd model), decoded with a character-level meta.pkl or with GPT-2
-BPE, against the same model's greedy generate; and its one-line errors.
+BPE, against the same model's greedy generate, with --compile and --dtype doing what they say;
+and its one-line errors.
 """
 import os
 import pickle
@@ -41,12 +42,45 @@ def write_run(tmp_path, n_exp, compiled_prefix=False, vocab_size=len(CHARS), dat
     return model.eval(), out_dir
 
 
-def sample(tmp_path, *args):
+def sample(tmp_path, *args, script=os.path.join(ROOT, 'sample.py'), **env):
     # one thread: on a busy 2-core machine, OpenMP threads waiting on each other make these tiny
     # forwards several times slower
-    env = dict(os.environ, OMP_NUM_THREADS='1', TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE)
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), '--device=cpu', *args],
+    env = dict(os.environ, OMP_NUM_THREADS='1', TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE, **env)
+    return subprocess.run([sys.executable, script, '--device=cpu', *args],
                           capture_output=True, text=True, cwd=tmp_path, env=env)
+
+
+# sample.py run in a process that then reports what its output cannot show: the dtypes of the
+# logits its forwards returned, and how many graphs torch.compile captured
+PROBE = """
+import runpy
+import sys
+sys.path.insert(0, {root!r})
+import model
+from torch._dynamo.utils import counters
+
+forward = model.GPT.forward
+logits_dtypes = set()
+def forward_recording_dtype(self, idx, targets=None):
+    logits, loss = forward(self, idx, targets)
+    logits_dtypes.add(str(logits.dtype))
+    return logits, loss
+model.GPT.forward = forward_recording_dtype
+sys.argv[0] = {sample!r}
+runpy.run_path({sample!r}, run_name='__main__')
+print('PROBE', sorted(logits_dtypes), counters['stats']['unique_graphs'])
+"""
+
+
+def sample_probed(tmp_path, *args):
+    """ sample(), and the logits' dtypes and the number of compiled graphs, from PROBE """
+    probe = tmp_path / 'probe.py'
+    probe.write_text(PROBE.format(root=ROOT, sample=os.path.join(ROOT, 'sample.py')))
+    p = sample(tmp_path, *args, script=str(probe))
+    assert p.returncode == 0, p.stderr
+    output, report = p.stdout.rsplit('PROBE ', 1)
+    dtypes, graphs = report.rsplit(' ', 1)
+    return output, eval(dtypes), int(graphs)
 
 
 @pytest.mark.parametrize('n_exp,compiled_prefix', [(1, False), (4, True)])
@@ -102,3 +136,49 @@ def test_missing_prompt_file_stops_with_one_line(tmp_path):
     p = sample(tmp_path, f'--out_dir={out_dir}', f'--start=FILE:{missing}')
     assert p.returncode != 0
     assert p.stderr == f"error: no file {missing} for --start=FILE:...: give the path of a text file\n"
+
+
+def test_compile_runs_the_compiled_forward_and_samples_the_same(tmp_path):
+    model, out_dir = write_run(tmp_path, n_exp=1)
+    # longer than block_size 16, so the compiled forward also runs on generate's cropped context
+    start = 'to be or not to be, that is'
+    output, dtypes, graphs = sample_probed(tmp_path, f'--out_dir={out_dir}', f'--start={start}', '--num_samples=2',
+                                           '--max_new_tokens=4', '--top_k=1', '--compile=True')
+    assert graphs > 0  # generate's forwards went through torch.compile
+    idx = torch.tensor([[CHARS.index(c) for c in start]])
+    expected = ''.join(CHARS[i] for i in model.generate(idx, 4, top_k=1)[0].tolist())
+    assert output.endswith(f'{expected}\n---------------\n{expected}\n---------------\n')
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_dtype_autocasts_on_cpu_as_train_does(tmp_path, dtype):
+    _, out_dir = write_run(tmp_path, n_exp=4)
+    output, dtypes, graphs = sample_probed(tmp_path, f'--out_dir={out_dir}', '--num_samples=1', '--max_new_tokens=3',
+                                           f'--dtype={dtype}')
+    assert dtypes == [f'torch.{dtype}'] and graphs == 0
+
+
+@pytest.mark.parametrize('arg,message', [
+    ('--temperature=0', "error: temperature=0.0 must be > 0: for the most likely tokens use --top_k=1"),
+    ('--temperature=-1', "error: temperature=-1.0 must be > 0: for the most likely tokens use --top_k=1"),
+    ('--top_k=0', "error: top_k=0 must be >= 1"),
+    ('--num_samples=0', "error: num_samples=0 must be >= 1"),
+    ('--max_new_tokens=-2', "error: max_new_tokens=-2 must be >= 1"),
+])
+def test_bad_sampling_setting_stops_with_one_line(tmp_path, arg, message):
+    _, out_dir = write_run(tmp_path, n_exp=1)
+    p = sample(tmp_path, f'--out_dir={out_dir}', '--max_new_tokens=3', arg)
+    assert p.returncode != 0
+    assert p.stderr == message + '\n'
+
+
+@pytest.mark.parametrize('init_from', ['gpt2', 'not_saved'])
+def test_gpt2_weights_that_cannot_load_stop_with_one_line(tmp_path, init_from):
+    (tmp_path / 'not_saved').mkdir()  # a directory without save_pretrained's files
+    # offline, with an empty cache: the hub name fails at once, as it does without a network
+    p = sample(tmp_path, f'--init_from={init_from}', HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'))
+    assert p.returncode != 0
+    assert p.stderr.startswith(f"error: cannot load GPT-2 weights '{init_from}' (")
+    assert p.stderr.endswith("): give --init_from a directory written by GPT2LMHeadModel.save_pretrained, "
+                             "or connect to the Hugging Face hub\n")
+    assert p.stderr.count('\n') == 1
