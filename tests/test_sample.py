@@ -4,6 +4,7 @@ one saved from a torch.compile'd model), decoded with a character-level meta.pkl
 BPE, against the same model's greedy generate, with --compile and --dtype doing what they say;
 and its one-line errors.
 """
+import ast
 import os
 import pickle
 import subprocess
@@ -80,7 +81,7 @@ def sample_probed(tmp_path, *args):
     assert p.returncode == 0, p.stderr
     output, report = p.stdout.rsplit('PROBE ', 1)
     dtypes, graphs = report.rsplit(' ', 1)
-    return output, eval(dtypes), int(graphs)
+    return output, ast.literal_eval(dtypes), int(graphs)
 
 
 @pytest.mark.parametrize('n_exp,compiled_prefix', [(1, False), (4, True)])
