@@ -119,9 +119,7 @@ class Router(nn.Module):
         else:  # the bias picks the experts; the gates come from the unbiased logits
             topk_idx = (logits + self.expert_bias).topk(self.top_k, dim=-1).indices  # (N, k)
             topk_logits = logits.gather(-1, topk_idx)
-        if self.top_k == 1:
-            # Switch eq. (2): the gate is p_i(x), the chosen expert's full-softmax probability, so
-            # the task loss trains the router (a softmax over the one chosen logit is always 1)
+        if self.top_k == 1:  # Switch eq. (2): p_i(x), so the task loss trains the router (a softmax over one logit is 1)
             gates = probs.gather(-1, topk_idx)  # (N, 1)
         else:
             # softmax over the chosen k only, Shazeer et al. 2017 eq. (3)-(5): the gates sum to 1
@@ -188,14 +186,11 @@ class MLPExperts(nn.Module):
 
 
 def keep_freed_cpu_memory():
-    """ Training on CPU: glibc's malloc returns big freed blocks to the OS (mmap'd blocks above a
-    threshold, and the heap's top above another), so each step's activations come back as fresh
-    pages, and every first write to a 4 KiB page is a page fault. Raising both thresholds keeps
-    freed memory in the process for the next step. Measured on 2 cores (bench.py --mode=step, the
-    CPU baby config, three runs with and three without, alternating): the dense step 42-53 ms
-    instead of 55-61, the MoE step 62-75 instead of 85-98; the MoE, which allocates more blocks,
-    gains most. Peak memory is unchanged; it is only not handed back. glibc only:
-    elsewhere it returns False and changes nothing. """
+    """ Training on CPU: glibc's malloc hands big freed blocks back to the OS (mmap'd ones, and the
+    heap's top), so each step's activations land on fresh pages, a page fault per 4 KiB written.
+    Raising the mmap and trim thresholds keeps freed memory in the process for the next step, with
+    the same peak: steps take 19-24% less time on 2 cores (README, Performance). glibc only: elsewhere it
+    returns False and changes nothing. """
     mallopt = getattr(ctypes.CDLL(None), 'mallopt', None) if sys.platform.startswith('linux') else None
     if mallopt is None:  # musl has none
         return False

@@ -25,7 +25,7 @@ temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random
 top_k = 200  # sample from the top_k most likely tokens only
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if torch.cuda.is_available() else 'float32'
+dtype = ''  # '' picks: bfloat16 where CUDA supports it, else float16 on CUDA, float32 elsewhere
 compile = False  # torch.compile the model: slower start, faster tokens
 # the configurator lives beside this script, whatever the current directory
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
@@ -37,8 +37,10 @@ torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'  # for later use in torch.autocast
 dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-if dtype not in dtypes:
-    sys.exit(f"error: dtype='{dtype}' is not one of {', '.join(dtypes)}")
+if dtype not in ('', *dtypes):
+    sys.exit(f"error: dtype='{dtype}' is not one of {', '.join(dtypes)} ('' picks one for the device)")
+if not dtype:
+    dtype = 'float32' if device_type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
 for name, value in (('num_samples', num_samples), ('max_new_tokens', max_new_tokens), ('top_k', top_k)):
     if value < 1:
         sys.exit(f"error: {name}={value} must be >= 1")

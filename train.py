@@ -130,8 +130,6 @@ if seed < 0:
     fail(f"seed={seed} must be >= 0 (numpy seeds the batches with it)")
 if dtype not in ('', 'float32', 'bfloat16', 'float16'):
     fail(f"dtype='{dtype}' is not one of float32, bfloat16, float16 ('' picks one for the device)")
-if decay_lr and warmup_iters >= lr_decay_iters:
-    fail(f"warmup_iters={warmup_iters} must be less than lr_decay_iters={lr_decay_iters}, or set --decay_lr=False")
 if device.startswith('cuda') and not torch.cuda.is_available():
     fail(f"device='{device}' but torch finds no CUDA GPU: use --device=cpu, or leave device empty to pick")
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -139,8 +137,8 @@ if os.path.isdir(init_from) and os.path.abspath(init_from) == os.path.abspath(ou
     fail(f"init_from is out_dir '{out_dir}': use init_from='resume' to continue that run, or another --out_dir")
 if init_from == 'resume' and not os.path.exists(ckpt_path):
     fail(f"init_from='resume' but there is no checkpoint at {ckpt_path}: train with init_from='scratch' first, or set --out_dir")
-if init_from != 'resume' and any(os.path.exists(os.path.join(out_dir, f)) for f in ('ckpt.pt', 'log.jsonl')):
-    fail(f"out_dir '{out_dir}' already holds a run: continue it with --init_from=resume, or remove it, or pick another --out_dir")
+if init_from != 'resume' and not eval_only and os.path.exists(ckpt_path):
+    fail(f"out_dir '{out_dir}' holds a run's checkpoint: continue it with --init_from=resume, or pick another --out_dir")
 
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
@@ -240,7 +238,7 @@ elif init_from == 'resume':
     model_args = dict(checkpoint['model_args'])
     if block_size != model_args['block_size']:  # cropping would leave AdamW's state for wpe at the old size
         fail(f"block_size={block_size} is not the checkpoint's {model_args['block_size']}: resume with --block_size={model_args['block_size']}, "
-             f"or start a new run from its weights with --init_from={out_dir}")
+             f"or start a new run from its weights with --init_from={out_dir} --out_dir=<a new directory>")
     model_args['dropout'] = dropout  # as nanoGPT, the one model key a resume may change
     model = model_from_checkpoint(checkpoint, dropout=dropout)
     iter_num = checkpoint['iter_num']
@@ -334,7 +332,7 @@ def get_lr(it):
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     # 2) if it > lr_decay_iters, return min learning rate
-    if it > lr_decay_iters:
+    if it >= lr_decay_iters:  # >=: the cosine below would end at min_lr too, and 0/0 if warmup_iters == lr_decay_iters
         return min_lr
     # 3) in between, use cosine decay down to min learning rate
     decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
@@ -369,7 +367,7 @@ def routing_stats():
 # a record of the run next to its log: config, versions, commit
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
-    if not (eval_only and init_from == 'resume'):  # evaluating a run leaves its record as it is
+    if not eval_only:  # an eval leaves the record of the run in out_dir, if any, as it is
         git = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
         with open(os.path.join(out_dir, 'run.json'), 'w') as f:
             json.dump(dict(config=config, model_args=model_args, torch=torch.__version__, python=sys.version.split()[0],

@@ -124,6 +124,7 @@ CASES = {
     'top3': dict(top_k=3, train_capacity=1.0, min_capacity=1),
     'no_bias': dict(bias=False, train_capacity=0.75, min_capacity=1),
     'aux_free_bias': dict(use_aux_free_bias=True, train_capacity=1.0, min_capacity=1),
+    'top1_aux_free_bias': dict(top_k=1, use_aux_free_bias=True, train_capacity=1.0, min_capacity=1),
 }
 
 
@@ -144,7 +145,7 @@ def test_layer_matches_reference(case, expert_path):
     fast, ref = run_both(layer, x)
     if case == 'dropless':
         assert ref['dropped'] == 0
-    if case in ('tight_capacity_drops', 'top1', 'top3', 'no_bias', 'aux_free_bias'):
+    if case in ('tight_capacity_drops', 'top1', 'top3', 'no_bias', 'aux_free_bias', 'top1_aux_free_bias'):
         assert ref['dropped'] > 0, "the case is meant to drop assignments"
     assert fast['dropped'] == pytest.approx(ref['dropped'])
     torch.testing.assert_close(fast['y'], ref['y'], atol=1e-5, rtol=1e-4)
@@ -167,8 +168,9 @@ def test_eval_uses_eval_capacity(expert_path):
     assert fast_train['dropped'] == ref_train['dropped'] == 0
 
 
-def test_noisy_top_k_matches_reference_in_training(expert_path):
-    layer = make_layer(use_noisy_top_k=True, train_capacity=1.25)
+@pytest.mark.parametrize('top_k', [1, 2])
+def test_noisy_top_k_matches_reference_in_training(expert_path, top_k):
+    layer = make_layer(use_noisy_top_k=True, top_k=top_k, train_capacity=1.25)
     x = skewed_input(layer=layer)
     fast, ref = run_both(layer, x, train=True, noise_seed=123)
     torch.testing.assert_close(fast['y'], ref['y'], atol=1e-5, rtol=1e-4)

@@ -165,6 +165,7 @@ def test_dtype_autocasts_on_cpu_as_train_does(tmp_path, dtype):
     ('--top_k=0', "error: top_k=0 must be >= 1"),
     ('--num_samples=0', "error: num_samples=0 must be >= 1"),
     ('--max_new_tokens=-2', "error: max_new_tokens=-2 must be >= 1"),
+    ('--dtype=fp16', "error: dtype='fp16' is not one of float32, bfloat16, float16 ('' picks one for the device)"),
 ])
 def test_bad_sampling_setting_stops_with_one_line(tmp_path, arg, message):
     _, out_dir = write_run(tmp_path, n_exp=1)

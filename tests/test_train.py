@@ -136,7 +136,11 @@ def test_resume_of_a_nanogpt_checkpoint(workdir):
     ours, theirs = workdir / 'out-ours', workdir / 'out-nanogpt'
     train(workdir, *TINY, f'--out_dir={ours}', '--max_iters=4', '--eval_interval=4')
     checkpoint = torch.load(ours / 'ckpt.pt', weights_only=False)
-    del checkpoint['scaler'], checkpoint['train_s']
+    nanogpt_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
+    checkpoint = dict(model={'_orig_mod.' + k: v for k, v in checkpoint['model'].items()},  # saved compiled
+                      optimizer=checkpoint['optimizer'], iter_num=checkpoint['iter_num'],
+                      best_val_loss=checkpoint['best_val_loss'], config=dict(dataset='shakespeare_char'),
+                      model_args={k: checkpoint['model_args'][k] for k in nanogpt_keys})
     theirs.mkdir()
     torch.save(checkpoint, theirs / 'ckpt.pt')
     train(workdir, *TINY, f'--out_dir={theirs}', '--max_iters=8', '--eval_interval=4', '--init_from=resume')
