@@ -113,7 +113,9 @@ class Router(nn.Module):
         logits = self.w_g(x)  # (N, E)
         if self.w_noise is not None and self.training:  # noise explores in training only
             logits = logits + F.softplus(self.w_noise(x)) * torch.randn_like(logits)
-        probs = F.softmax(logits, dim=-1)  # (N, E)
+        # softmax and logsumexp in float32 on every device (CPU autocast would leave them in bf16):
+        # the gates, the aux loss's P and the z-loss are not rounded to 8 bits of mantissa
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # (N, E)
         if self.expert_bias is None:
             topk_logits, topk_idx = logits.topk(self.top_k, dim=-1)  # (N, k)
         else:  # the bias picks the experts; the gates come from the unbiased logits
@@ -123,7 +125,7 @@ class Router(nn.Module):
             gates = probs.gather(-1, topk_idx)  # (N, 1)
         else:
             # softmax over the chosen k only, Shazeer et al. 2017 eq. (3)-(5): the gates sum to 1
-            gates = F.softmax(topk_logits, dim=-1)  # (N, k)
+            gates = F.softmax(topk_logits, dim=-1, dtype=torch.float32)  # (N, k)
         # assignments per expert, before any dropping: the aux loss's f and the layer's dispatch
         chosen = topk_idx.view(-1)  # (N*k,)
         tokens_per_expert = torch.zeros(self.n_exp, dtype=torch.long, device=x.device)
@@ -137,7 +139,7 @@ class Router(nn.Module):
             MANAGER.add_aux_loss(self.n_exp * torch.sum(f * P))
         if self.use_router_z_loss:
             # router z-loss, ST-MoE eq. (5): keeps router logits small
-            MANAGER.add_router_z_loss(torch.logsumexp(logits, dim=-1).pow(2).mean())
+            MANAGER.add_router_z_loss(torch.logsumexp(logits.float(), dim=-1).pow(2).mean())
         return gates, topk_idx, tokens_per_expert
 
     @torch.no_grad()
@@ -238,7 +240,8 @@ class MOELayer(nn.Module):
         cf = self.train_capacity if self.training else self.eval_capacity
         if cf <= 0:
             return N
-        cap = math.floor(self.top_k * cf * N / self.n_exp)
+        # + 1e-6: cf = 0.7 is a little under 0.7 in binary, and floor(2 * 0.7 * 90 / 2) would be 62, not 63
+        cap = math.floor(self.top_k * cf * N / self.n_exp + 1e-6)
         cap += cap % 2
         return min(max(cap, self.min_capacity), N)
 

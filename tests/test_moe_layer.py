@@ -3,6 +3,7 @@ The MoE layer against a slow, obviously-correct reference written token by token
 papers: outputs, gradients, the aux and z losses, capacity and dropping.
 """
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -104,7 +105,7 @@ def run_both(layer, x, train=True, noise_seed=None):
     cf = layer.train_capacity if train else layer.eval_capacity
     cap = None  # dropless
     if cf > 0:  # Switch eq. (3), rounded up to even, at least min_capacity
-        cap = math.floor(layer.top_k * cf * N / layer.n_exp)
+        cap = math.floor(Fraction(str(cf)) * layer.top_k * N / layer.n_exp)  # exact: cf as written
         cap = max(cap + cap % 2, layer.min_capacity)
     yr, aux, z, dropped = reference_moe(
         xr, ref_params['router.w_g.weight'], ref_params['experts.c_fc'], ref_params['experts.c_proj'],
@@ -194,6 +195,7 @@ def test_noisy_top_k_adds_no_noise_in_eval():
     (24, 4, 2, 0.5, 4, 6),     # floor(6) = 6
     (24, 4, 2, 0.5, 8, 8),     # min_capacity wins
     (30, 4, 1, 1.0, 1, 8),     # floor(7.5) = 7 -> even 8
+    (90, 2, 2, 0.7, 4, 64),    # floor(63) = 63 -> even 64; the float product is 62.99999999999999
     (10, 2, 2, 4.0, 4, 10),    # 40 slots asked, but an expert sees each of 10 tokens at most once
     (24, 4, 2, 0.0, 4, 24),    # dropless: room for every token
     (24, 4, 2, -1.0, 4, 24),
@@ -280,12 +282,14 @@ def test_router_full_precision_under_autocast():
         MANAGER.reset()
         with torch.autocast('cpu', dtype=torch.bfloat16):
             layer(x)
+            gates, _, _ = layer.router(x.view(-1, 16))
         z = MANAGER.router_z_loss[0].detach()
+        # the softmax and logsumexp run in float32 either way (CPU autocast would leave them in bf16)
+        assert gates.dtype == z.dtype == torch.float32
         if full_prec:
-            assert z.dtype == torch.float32
             torch.testing.assert_close(z, z_fp32, atol=1e-6, rtol=1e-6)
         else:
-            assert (z.float() - z_fp32).abs() > 1e-4  # bf16 router logits: the switch matters
+            assert (z - z_fp32).abs() > 1e-4  # of bf16 router logits: the switch matters
 
 
 def test_layer_under_autocast_runs_in_bf16_on_both_paths(expert_path):
