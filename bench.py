@@ -63,6 +63,8 @@ if profile and mode != 'model':
     sys.exit(f"error: profile=True profiles mode='model' only, not mode='{mode}'")
 if mode != 'model' and n_exp < 2:
     sys.exit(f"error: mode='{mode}' measures an MoE layer: set --n_exp to 2 or more")
+if mode == 'layer' and dropout > 0:
+    sys.exit(f"error: mode='layer' first checks that the formulations agree, which dropout={dropout} prevents: leave dropout at 0")
 if dtype not in ('', 'float32', 'bfloat16', 'float16'):
     sys.exit(f"error: dtype='{dtype}' is not one of float32, bfloat16, float16 ('' picks one for the device)")
 torch.manual_seed(seed)
@@ -106,7 +108,7 @@ except ValueError as e:
 
 # bf16 dense tensor-core peaks from NVIDIA's datasheets (their headline figures, with 2:4 sparsity, are twice
 # these); the first name that occurs in torch.cuda.get_device_name() wins
-GPU_PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
+GPU_PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200 NVL': 835e12, 'H200': 989e12, 'A100': 312e12}
 if not peak_flops and device_type == 'cuda':
     peak_flops = next((f for name, f in GPU_PEAK_FLOPS.items() if name in torch.cuda.get_device_name(device)), 0.0)
 

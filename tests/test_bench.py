@@ -83,6 +83,8 @@ def test_model_mode_on_real_data_with_mfu(tmp_path):
     (['--real_data=True', '--dataset=nope'],
      "error: data/nope/train.bin not found: run python data/nope/prepare.py first, or use --real_data=False"),
     (['--dtype=fp16'], "error: dtype='fp16' is not one of float32, bfloat16, float16 ('' picks one for the device)"),
+    (['--mode=layer', '--dropout=0.1'],
+     "error: mode='layer' first checks that the formulations agree, which dropout=0.1 prevents: leave dropout at 0"),
 ])
 def test_bad_settings_stop_with_one_line(args, message):
     code, out, err = bench(*args)
