@@ -1,7 +1,7 @@
 """
 Poor Man's Configurator, as in nanoGPT. Probably a terrible idea. Example usage:
-$ python train.py config/override_file.py --batch_size=32
-this will first run config/override_file.py, then override batch_size to 32
+$ python train.py config/train_shakespeare_char.py --batch_size=32
+this will first run config/train_shakespeare_char.py, then override batch_size to 32
 
 The code in this file will be run as follows from e.g. train.py:
 >>> exec(open('configurator.py').read())

@@ -69,7 +69,7 @@ if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument('runs', nargs='+', help="train.py out_dir's")
     parser.add_argument('--labels', help='comma-separated names for the runs (default: the directory names)')
-    parser.add_argument('--out', default=os.path.dirname(os.path.abspath(__file__)), help='where the PNGs go')
+    parser.add_argument('--out', default='.', help='where the PNGs go (default: the current directory)')
     args = parser.parse_args()
     labels = args.labels.split(',') if args.labels else [os.path.basename(os.path.normpath(r)) for r in args.runs]
     if len(labels) != len(args.runs):
