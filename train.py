@@ -8,8 +8,8 @@ $ python train.py config/train_shakespeare_char_moe.py
 To run with DDP on 4 gpus on 1 node, example:
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_nano_moe.py
 
-To run with DDP on 8 gpus on each of 2 nodes, example (gradient_accumulation_steps, 40 here, must
-be a multiple of the 16 processes: it is the global count):
+To run with DDP on 8 gpus on each of 2 nodes, example (gradient_accumulation_steps is the global
+count and must be a multiple of the 16 processes: train_nano_moe.py's 40 is not, so 48):
 - Run on the first (master) node with example IP 123.456.123.456:
 $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 --master_port=1234 train.py config/train_nano_moe.py --gradient_accumulation_steps=48
 - Run on the worker node:
