@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import GPTConfig, GPT, MLP, keep_freed_cpu_memory
+from model import GPTConfig, GPT, MLP, gpu_peak_flops
 from manager import MANAGER
 
 # -----------------------------------------------------------------------------
@@ -71,8 +71,6 @@ torch.manual_seed(seed)
 device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 device_type = 'cuda' if 'cuda' in device else 'cpu'
 dtype = dtype or ('float32' if device_type == 'cpu' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16')
-if device_type == 'cpu':
-    keep_freed_cpu_memory()  # fewer page faults, see model.py
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
@@ -106,11 +104,8 @@ try:
 except ValueError as e:
     sys.exit(f"error: {e}")
 
-# bf16 dense tensor-core peaks from NVIDIA's datasheets (their headline figures, with 2:4 sparsity, are twice
-# these); the first name that occurs in torch.cuda.get_device_name() wins
-GPU_PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200 NVL': 835e12, 'H200': 989e12, 'A100': 312e12}
 if not peak_flops and device_type == 'cuda':
-    peak_flops = next((f for name, f in GPU_PEAK_FLOPS.items() if name in torch.cuda.get_device_name(device)), 0.0)
+    peak_flops = gpu_peak_flops(device)
 
 
 def timed(fn):

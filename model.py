@@ -14,9 +14,7 @@ E experts, k experts per token, cap slots per expert. An "assignment" is one (to
 pair; there are k*N of them, numbered a = j*N + t (choice j of token t).
 """
 
-import sys
 import math
-import ctypes
 import inspect
 from dataclasses import dataclass, asdict
 
@@ -187,32 +185,23 @@ class MLPExperts(nn.Module):
         return h
 
 
-def keep_freed_cpu_memory():
-    """ Training on CPU: glibc's malloc hands big freed blocks back to the OS (mmap'd ones, and the
-    heap's top), so each step's activations land on fresh pages, a page fault per 4 KiB written.
-    Raising the mmap and trim thresholds keeps freed memory in the process for the next step, with
-    the same peak: steps take 19-24% less time on 2 cores (README, Performance). glibc only: elsewhere it
-    returns False and changes nothing. """
-    mallopt = getattr(ctypes.CDLL(None), 'mallopt', None) if sys.platform.startswith('linux') else None
-    if mallopt is None:  # musl has none
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-    # 32 MiB is the largest mmap threshold every 64-bit glibc accepts; blocks above it stay mmap'd
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
-
-
 def _compute_dtype(x):
     """ the dtype matmuls on x run in: autocast's where it is on """
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-def _use_grouped_mm(x):
-    """ Grouped matmul where a kernel exists: CPU eager, and bf16 on Hopper (CUTLASS kernel);
-    elsewhere (CPU under torch.compile, other GPUs and dtypes) the padded batched matmul. """
-    if x.device.type == 'cuda':
-        props = torch.cuda.get_device_properties(x.device)  # torch.compile folds this to a constant
-        return _compute_dtype(x) == torch.bfloat16 and (props.major, props.minor) == (9, 0)
-    return x.device.type == 'cpu' and not torch.compiler.is_compiling()
+def use_grouped_mm(device, dtype, compiling, sizes):
+    """ Whether the experts run as one grouped matmul over the k*N assignments (torch._grouped_mm), or as
+    a batched matmul over E*cap padded slots. Grouped where torch has a kernel for it: CPU eager, and bf16
+    on sm90 and sm100 GPUs (Hopper, Blackwell: torch's CUTLASS path; other GPUs get a loop of matmuls,
+    and tracing accepts bf16 only). Its operands' rows must be multiples of 16 bytes: `sizes` are the
+    row lengths, C and H. """
+    if any(size * dtype.itemsize % 16 for size in sizes):
+        return False
+    if device.type == 'cuda':
+        props = torch.cuda.get_device_properties(device)  # torch.compile folds this to a constant
+        return dtype == torch.bfloat16 and props.major in (9, 10)
+    return device.type == 'cpu' and not compiling
 
 
 class MOELayer(nn.Module):
@@ -265,7 +254,7 @@ class MOELayer(nn.Module):
         # A row that holds no kept assignment (a dropped one, or a padding slot) gets a zero
         # input and gate 0: it adds nothing to any output or gradient, and an expert that would
         # overflow on some token (float16) reaches no token it did not keep.
-        if _use_grouped_mm(x):
+        if use_grouped_mm(x.device, _compute_dtype(x), torch.compiler.is_compiling(), (C, self.experts.c_fc.size(-1))):
             # the assignments in sorted order, packed by expert for the grouped matmul. A dropped
             # one keeps its row: its expert runs one row more (dropping is rare at a sane
             # capacity), and no gathers are spent packing the kept ones tighter.
@@ -385,11 +374,10 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
 
         self.apply(self._init_weights)
-        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer); Switch init has its own scale
-        if not config.use_switch_tfm_init:
-            for pn, p in self.named_parameters():
-                if pn.endswith('c_proj.weight') or pn.endswith('experts.c_proj'):
-                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer), under Switch init too (as the earlier nanoMoE)
+        for pn, p in self.named_parameters():
+            if pn.endswith('c_proj.weight') or pn.endswith('experts.c_proj'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def get_num_params(self, non_embedding=True, active=False):
         """
@@ -408,10 +396,10 @@ class GPT(nn.Module):
 
     def _init_weights(self, module):
         switch = self.config.use_switch_tfm_init
-        if isinstance(module, nn.Linear) and module is not self.lm_head:  # lm_head is tied to wte
-            if switch:
+        if isinstance(module, nn.Linear):
+            if switch:  # every Linear, lm_head (tied to wte, so the embeddings too) included, as the earlier nanoMoE
                 _switch_init(module.weight, module.in_features, self.config.switch_tfm_init_scale)
-            else:
+            elif module is not self.lm_head:  # tied to wte, which is initialised as an embedding
                 torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
@@ -542,9 +530,9 @@ class GPT(nn.Module):
         print(f"using fused AdamW: {use_fused}")
         return optimizer
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
         """ model flops utilization (MFU), counting the active parameters only (a token runs
-        top_k of n_exp experts), over peak_flops (default: A100 bf16, 312 TFLOPS) """
+        top_k of n_exp experts), over peak_flops (gpu_peak_flops) """
         # see PaLM paper Appendix B as ref: https://arxiv.org/abs/2204.02311
         N = self.get_num_params(active=True)
         cfg = self.config
@@ -575,6 +563,18 @@ class GPT(nn.Module):
         return idx
 
 
+# bf16 dense tensor-core peaks in FLOP/s from NVIDIA's datasheets (their headline figures, with 2:4 sparsity,
+# are twice these); the first name that occurs in the GPU's name wins
+GPU_PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200 NVL': 835e12, 'H200': 989e12,
+                  'A100': 312e12, 'RTX 4090': 165e12, 'RTX 3090': 71e12}
+
+
+def gpu_peak_flops(device):
+    """ the bf16 peak of a CUDA device, or 0.0 for a GPU not in GPU_PEAK_FLOPS: no MFU rather than a wrong one """
+    name = torch.cuda.get_device_name(device)
+    return next((flops for gpu, flops in GPU_PEAK_FLOPS.items() if gpu in name), 0.0)
+
+
 def load_checkpoint(path, device):
     """ A checkpoint written by train.py, or a one-line error (ValueError) for a missing,
     truncated or foreign file, instead of a pickle traceback. """
@@ -582,8 +582,9 @@ def load_checkpoint(path, device):
         checkpoint = torch.load(path, map_location=device, weights_only=False)
     except FileNotFoundError:
         raise ValueError(f"no checkpoint at {path}: train first, or point --out_dir at a run's directory")
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {type(e).__name__}")
+    except Exception as e:  # a truncated file, a permission, out of memory, ...: say which
+        message = str(e).strip().splitlines()
+        raise ValueError(f"{path} cannot be loaded: {type(e).__name__}{': ' + message[0] if message else ''}")
     if not isinstance(checkpoint, dict) or not {'model', 'model_args'} <= set(checkpoint):
         raise ValueError(f"{path} is not a nanoMoE checkpoint (it has no 'model' and 'model_args')")
     return checkpoint

@@ -23,6 +23,7 @@ import json
 import math
 import time
 import pickle
+import signal
 import subprocess
 from contextlib import nullcontext
 from dataclasses import asdict, fields
@@ -32,7 +33,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
 
-from model import GPTConfig, GPT, load_checkpoint, model_from_checkpoint, keep_freed_cpu_memory
+from model import GPTConfig, GPT, load_checkpoint, model_from_checkpoint, use_grouped_mm, gpu_peak_flops
 from manager import MANAGER
 
 # -----------------------------------------------------------------------------
@@ -171,8 +172,6 @@ if master_process:
 torch.manual_seed(seed)  # the model's initial weights
 if not dtype:
     dtype = 'float32' if device_type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-if device_type == 'cpu':
-    keep_freed_cpu_memory()  # fewer page faults, see model.py
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
@@ -219,6 +218,7 @@ iter_num = 0
 best_val_loss = 1e9
 train_s = 0.0  # seconds of training steps so far (a first step's compile included), evals and checkpoints left out
 checkpoint = None
+saved_iter = None  # the iteration ckpt.pt holds
 
 # model init
 model_args = {k: config[k] for k in model_keys}
@@ -242,7 +242,7 @@ elif init_from == 'resume':
              f"or start a new run from its weights with --init_from={out_dir} --out_dir=<a new directory>")
     model_args['dropout'] = dropout  # as nanoGPT, the one model key a resume may change
     model = model_from_checkpoint(checkpoint, dropout=dropout)
-    iter_num = checkpoint['iter_num']
+    iter_num = saved_iter = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
     train_s = checkpoint.get('train_s', 0.0)  # checkpoints of the earlier nanoMoE, and older ones of ours, have none
 else:
@@ -284,6 +284,13 @@ if block_size < model.config.block_size:
 model.to(device)
 raw_model = model  # what we save: neither compiled nor DDP-wrapped
 update_routing_bias = raw_model.config.n_exp > 1 and raw_model.config.use_aux_free_bias  # DeepSeek-V3, below
+cfg = raw_model.config
+if (cfg.n_exp > 1 and min(cfg.train_capacity, cfg.eval_capacity) <= 0 and master_process
+        and not use_grouped_mm(torch.device(device), ptdtype, compile, (cfg.n_embd, cfg.expert_hidden or 4 * cfg.n_embd))):
+    # a static shape must hold the worst case, every token on one expert (model.py, MOELayer)
+    print(f"warning: dropless routing here runs the experts on padded slots for all N tokens each: "
+          f"n_exp/top_k = {cfg.n_exp / cfg.top_k:.1f}x the expert FLOPs and memory of the N*top_k assignments")
+peak_flops = gpu_peak_flops(device) if device_type == 'cuda' else 0.0  # 0: no MFU
 
 # initialize a GradScaler. If enabled=False scaler is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
@@ -344,6 +351,7 @@ def get_lr(it):
 
 def save_checkpoint():
     """ write to a temporary file and rename it over ckpt.pt: a kill mid-write leaves the old one """
+    global saved_iter
     checkpoint = {
         'model': raw_model.state_dict(),
         'optimizer': optimizer.state_dict(),
@@ -357,6 +365,7 @@ def save_checkpoint():
     print(f"saving checkpoint to {out_dir}")
     tmp_path = ckpt_path + '.tmp'
     torch.save(checkpoint, tmp_path)
+    saved_iter = iter_num
     os.replace(tmp_path, ckpt_path)
 
 
@@ -373,12 +382,33 @@ if master_process:
         with open(os.path.join(out_dir, 'run.json'), 'w') as f:
             json.dump(dict(config=config, model_args=model_args, torch=torch.__version__, python=sys.version.split()[0],
                            git_commit=git.stdout.strip() or None, world_size=ddp_world_size, device=device, dtype=dtype), f, indent=1)
-    log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')  # one JSON record per log line and eval
+    log_path = os.path.join(out_dir, 'log.jsonl')  # one JSON record per log line and eval
+    if init_from == 'resume' and not eval_only and os.path.exists(log_path):
+        # the records from the checkpoint's iteration on are of steps (and its eval) this run does again: drop
+        # them, atomically, so that the log reads as that of a run that never stopped
+        with open(log_path) as f:
+            kept = [line for line in f if json.loads(line)['iter'] < iter_num]
+        with open(log_path + '.tmp', 'w') as f:
+            f.writelines(kept)
+        os.replace(log_path + '.tmp', log_path)
+    log_file = open(log_path, 'a')
 
 # logging
 if wandb_log and master_process:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+
+
+def on_interrupt(signum, frame):
+    """ Ctrl-C: one line on where the run can go on from, not a traceback """
+    if master_process:
+        where = f"the last checkpoint, {ckpt_path}, holds iter {saved_iter}" if saved_iter is not None else "no checkpoint yet"
+        print(f"\ninterrupted at iter {iter_num}: {where}; continue with --init_from=resume --out_dir={out_dir}", flush=True)
+    sys.exit(130)
+
+
+signal.signal(signal.SIGINT, on_interrupt)
 
 # training loop
 t0 = time.time()
@@ -466,8 +496,8 @@ while True:
         recent_losses = (recent_losses + [(iter_num, round(lossf, 4), round(auxf, 4), round(zf, 4))])[-5:]
         if local_iter_num >= 5:  # let the training loop settle a bit
             dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
-            if device_type == 'cuda':
-                mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
+            if peak_flops:
+                mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         line = f"iter {iter_num}: loss {lossf:.4f}"
         record = dict(iter=iter_num, loss=lossf, lr=lr, dt_ms=dt * 1000, train_s=train_s)

@@ -13,8 +13,8 @@ from manager import MANAGER
 from test_moe_layer import CASES, make_layer, skewed_input
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                            reason="the grouped matmul kernel needs a Hopper GPU")
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10),
+                            reason="the grouped matmul kernel needs a Hopper or Blackwell GPU")
 
 
 @pytest.fixture(autouse=True)
@@ -76,9 +76,9 @@ def big_layer(**kw):
 def test_bf16_grouped_mm_matches_padded_bmm(monkeypatch):
     layer = big_layer(train_capacity=1.0)
     x = torch.randn(4, 1024, 384, device='cuda')
-    assert model._use_grouped_mm(x.bfloat16())
+    assert model.use_grouped_mm(x.device, torch.bfloat16, False, (384, 4 * 384))
     grouped = fwd_bwd(layer, x, autocast=True)
-    monkeypatch.setattr(model, '_use_grouped_mm', lambda x: False)
+    monkeypatch.setattr(model, 'use_grouped_mm', lambda *args: False)
     padded = fwd_bwd(layer, x, autocast=True)
     assert grouped['dropped'] == padded['dropped'] > 0  # the float32 router decides alike
     for name in grouped:
