@@ -18,6 +18,10 @@ import statistics
 from contextlib import nullcontext
 from dataclasses import fields
 
+# kineto, which every torch profiler starts (the CPU memory measurement below included), logs each
+# start and stop at its USDT level, which is above ERROR: only a level past all of them (6) keeps
+# the output to the results. KINETO_LOG_LEVEL=3 in the environment shows its errors.
+os.environ.setdefault('KINETO_LOG_LEVEL', '6')
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -11,9 +11,9 @@ import pickle
 from contextlib import nullcontext
 
 import torch
-import tiktoken
 
 from model import GPT, load_checkpoint, model_from_checkpoint
+from tokenizer import gpt2_encoding
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir/ckpt.pt), a GPT-2 name ('gpt2', 'gpt2-xl', ...) or a save_pretrained dir
@@ -102,7 +102,7 @@ else:
         # fewer tokens than GPT-2's 50257: a character-level model, which BPE would crash or garble
         sys.exit(f"error: the model has {model.config.vocab_size} tokens, fewer than GPT-2's, and no "
                  f"{meta_path or 'data/<dataset>/meta.pkl'} to decode them: run from the repository root")
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
     decode = lambda l: enc.decode(l)
 x = torch.tensor(encode(start), dtype=torch.long, device=device)[None, ...]  # (1, T)

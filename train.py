@@ -167,8 +167,6 @@ else:
     ddp_rank = 0
     ddp_world_size = 1
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
-if master_process:
-    print(f"tokens per iteration will be: {tokens_per_iter:,}")
 torch.manual_seed(seed)  # the model's initial weights
 if not dtype:
     dtype = 'float32' if device_type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
@@ -179,10 +177,15 @@ ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device
 
 # data: train.bin / val.bin are uint16 token ids as written by data/<dataset>/prepare.py
 data_dir = os.path.join('data', dataset)
+if not os.path.isdir(data_dir):
+    names = sorted(d for d in os.listdir('data') if os.path.isdir(os.path.join('data', d)) and d[0] not in '._') if os.path.isdir('data') else []
+    fail(f"no dataset '{dataset}' in data/ (it has {', '.join(names)}): pick one, or prepare yours into data/{dataset}/" if names else
+         f"there is no data/ directory in {os.getcwd()}: run train.py from the repository root")
 for split in ('train', 'val'):
     path = os.path.join(data_dir, f'{split}.bin')
     if not os.path.exists(path):
-        fail(f"{path} not found: run python data/{dataset}/prepare.py first")
+        prepare = f"data/{dataset}/prepare.py" if os.path.exists(os.path.join(data_dir, 'prepare.py')) else f"data/openwebtext/prepare.py --input=<your documents> --out_dir={data_dir}"
+        fail(f"{path} not found: run python {prepare} first")
     n_tokens = os.path.getsize(path) // 2
     if n_tokens < block_size + 1:
         fail(f"{path} has {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}: use a smaller --block_size or more data")
@@ -216,6 +219,7 @@ def get_batch(split, it, micro):
 # init these up here, can override if init_from='resume' (i.e. from a checkpoint)
 iter_num = 0
 best_val_loss = 1e9
+saved = None  # (iter, val loss) of the checkpoint this run wrote last
 train_s = 0.0  # seconds of training steps so far (a first step's compile included), evals and checkpoints left out
 checkpoint = None
 saved_iter = None  # the iteration ckpt.pt holds
@@ -312,6 +316,9 @@ if compile:
 # with no tokens runs on zero rows and gets a zero gradient), so no find_unused_parameters.
 if ddp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+if master_process:
+    print(f"device {device}, dtype {dtype}, compile {compile}, {raw_model.get_num_params(non_embedding=False):,} parameters "
+          f"({raw_model.get_num_params(non_embedding=False, active=True):,} active per token), {tokens_per_iter:,} tokens per iteration, out_dir {out_dir}")
 
 
 # helps estimate an arbitrarily accurate loss over either split using many batches
@@ -443,6 +450,7 @@ while True:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and not eval_only:
                 save_checkpoint()
+                saved = (iter_num, losses['val'])
         t0 += time.time() - t_eval
     if eval_only:
         break
@@ -532,5 +540,8 @@ while True:
 
 if master_process:
     log_file.close()
+    if not eval_only:
+        print(f"best val loss {best_val_loss:.4f}; " + (f"{ckpt_path} holds iter {saved[0]} (val loss {saved[1]:.4f})" if saved else
+              f"this run wrote no checkpoint (the first is at the first eval after iter 0, eval_interval={eval_interval})"))
 if ddp:
     destroy_process_group()

@@ -78,6 +78,14 @@ def test_model_mode_on_real_data_with_mfu(tmp_path):
     assert re.search(r"^peak memory of a step: [\d.]+ MiB beyond the [\d.]+ MiB of weights and optimizer state$", out, re.M)
 
 
+@pytest.mark.parametrize('args', [['--mode=layer'], ['--profile=True']], ids=['memory', 'trace'])
+def test_the_profiler_leaves_stderr_empty(tmp_path, args):
+    # the CPU memory measurement of mode='layer' and profile=True's trace both run torch's profiler
+    code, out, err = bench(*args, cwd=tmp_path)
+    assert code == 0, err
+    assert err == ''
+
+
 @pytest.mark.parametrize('args,message', [
     (['--mode=layers'], "error: mode='layers' is not 'model', 'layer' or 'step'"),
     (['--real_data=True', '--dataset=nope'],

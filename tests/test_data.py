@@ -17,10 +17,13 @@ SHAKESPEARE = os.path.join(SHARED, 'tinyshakespeare', 'input.txt')
 TIKTOKEN_CACHE = os.path.join(SHARED, 'tiktoken_cache')
 
 
-def prepare(name, tmp_path, *args):
-    env = dict(os.environ, TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE, HF_DATASETS_CACHE=str(tmp_path / 'hf_cache'))
+def prepare(name, tmp_path, *args, runner=(), env=None):
+    """ data/<name>/prepare.py in a subprocess; runner: what python runs the script with, e.g. ['-c', code] """
+    env = {**os.environ, 'TIKTOKEN_CACHE_DIR': TIKTOKEN_CACHE, 'HF_DATASETS_CACHE': str(tmp_path / 'hf_cache'), **(env or {})}
+    if 'HTTPS_PROXY' in (env or {}):  # no network: the hub client must try it, not be told it is offline
+        env.pop('HF_HUB_OFFLINE', None)
     script = os.path.join(ROOT, 'data', name, 'prepare.py')
-    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=tmp_path, env=env)
+    return subprocess.run([sys.executable, *runner, script, *args], capture_output=True, text=True, cwd=tmp_path, env=env)
 
 
 def gpt2():
@@ -58,28 +61,107 @@ def test_shakespeare_bpe_matches_tiktoken_and_nanogpt_counts(tmp_path):
     assert val.tolist() == enc.encode_ordinary(text[n:])
 
 
-@pytest.mark.parametrize('fmt', ['save_to_disk', 'jsonl'])
-def test_openwebtext_local_dataset_decodes_back_to_documents(tmp_path, fmt):
-    docs = [f"Document {i}: the quick brown fox.\n\nIt's {i * 7} lines <|endoftext|> long." for i in range(5)]
-    if fmt == 'save_to_disk':
-        from datasets import Dataset, DatasetDict
-        source = tmp_path / 'owt'
-        DatasetDict(train=Dataset.from_dict({'text': docs, 'url': ['x'] * len(docs)})).save_to_disk(source)
-    else:
-        source = tmp_path / 'owt.jsonl'
-        source.write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
+# documents that GPT-2 BPE must keep apart from each other and from the end-of-text token
+DOCS = [f"Document {i}: the quick brown fox.\r\n\nIt's {i * 7} lines <|endoftext|> long, café ✓." for i in range(6)] + ['']
+
+# prepare.py with datasets' load_dataset replaced by a stand-in that checks it was asked for the
+# hub's OpenWebText parquet files and loads a local parquet file instead
+HUB_STAND_IN = """
+import runpy, sys
+import datasets
+load_dataset, local = datasets.load_dataset, sys.argv.pop(1)
+def stand_in(path, data_files=None, **kwargs):
+    assert path == 'parquet' and data_files.startswith('hf://datasets/Skylion007/openwebtext@'), (path, data_files)
+    return load_dataset('parquet', data_files=local, **kwargs)
+datasets.load_dataset = stand_in
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def write_documents(tmp_path, kind):
+    """ DOCS in one of the forms --input takes, in the order prepare.py reads them; the path to give """
+    from datasets import Dataset, DatasetDict
+    source = tmp_path / kind
+    if kind == 'save_to_disk':
+        DatasetDict(train=Dataset.from_dict({'text': DOCS, 'url': ['x'] * len(DOCS)})).save_to_disk(source)
+    elif kind == 'jsonl':
+        source = tmp_path / 'docs.jsonl'
+        source.write_text(''.join(json.dumps({'text': d}) + '\n' for d in DOCS))
+    elif kind in ('parquet_file', 'hub'):
+        source = tmp_path / 'docs.parquet'
+        Dataset.from_dict({'text': DOCS, 'url': ['x'] * len(DOCS)}).to_parquet(source)
+    elif kind == 'parquet_dir':  # read in sorted path order: a/0.parquet, then b.parquet
+        (source / 'a').mkdir(parents=True)
+        Dataset.from_dict({'text': DOCS[:3]}).to_parquet(source / 'a' / '0.parquet')
+        Dataset.from_dict({'text': DOCS[3:]}).to_parquet(source / 'b.parquet')
+    elif kind == 'text_dir':  # one document per file, recursively, .txt and .md; other files left out
+        for i, doc in enumerate(DOCS):  # sorted paths: 00.txt, 01/doc.txt, 02.txt, 03/doc.md, ...
+            path = source / (f"{i:02d}/doc.{'md' if i == 3 else 'txt'}" if i % 2 else f"{i:02d}.txt")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(doc.encode('utf-8'))
+        (source / '01' / 'notes.csv').write_text('not a document')
+    return source
+
+
+@pytest.mark.parametrize('kind', ['hub', 'save_to_disk', 'jsonl', 'parquet_file', 'parquet_dir', 'text_dir'])
+def test_openwebtext_tokens_are_the_documents_gpt2_tokens_split_as_nanogpt(tmp_path, kind):
+    source = write_documents(tmp_path, kind)
     out = tmp_path / 'out'
-    p = prepare('openwebtext', tmp_path, f'--input={source}', f'--out_dir={out}', '--num_proc=2')
+    if kind == 'hub':
+        p = prepare('openwebtext', tmp_path, f'--out_dir={out}', '--num_proc=2', runner=['-c', HUB_STAND_IN, str(source)])
+    else:
+        p = prepare('openwebtext', tmp_path, f'--input={source}', f'--out_dir={out}', '--num_proc=2')
     assert p.returncode == 0, p.stderr
+    # datasets' train_test_split(test_size=0.0005, seed=2357): the first ceil(0.0005 * n) documents
+    # of a permutation drawn with numpy's default_rng(2357) are val, the rest train, in that order
+    perm = np.random.default_rng(2357).permutation(len(DOCS))
     enc = gpt2()
-    decoded = {}
-    for split in ('train', 'val'):
-        ids = np.memmap(out / f'{split}.bin', dtype=np.uint16, mode='r').tolist()
-        assert ids[-1] == enc.eot_token  # every document ends with <|endoftext|>
-        cuts = [i for i, t in enumerate(ids) if t == enc.eot_token]
-        decoded[split] = [enc.decode(ids[a + 1:b]) for a, b in zip([-1] + cuts, cuts)]
-    assert len(decoded['val']) == 1  # ceil(0.0005 * 5) documents
-    assert sorted(decoded['train'] + decoded['val']) == sorted(docs)
+    expected = lambda idx: [t for i in idx for t in enc.encode_ordinary(DOCS[i]) + [enc.eot_token]]
+    assert np.fromfile(out / 'val.bin', dtype=np.uint16).tolist() == expected(perm[:1])
+    assert np.fromfile(out / 'train.bin', dtype=np.uint16).tolist() == expected(perm[1:])
+    assert sorted(os.listdir(out)) == ['train.bin', 'val.bin']
+
+
+@pytest.mark.parametrize('env', [{'HF_HUB_OFFLINE': '1'}, {'HTTPS_PROXY': 'http://127.0.0.1:9'}], ids=['offline', 'no_network'])
+def test_openwebtext_from_the_hub_without_network_stops_with_one_line(tmp_path, env):
+    out = tmp_path / 'out'
+    p = prepare('openwebtext', tmp_path, f'--out_dir={out}', '--num_proc=1', env=env)
+    assert p.returncode != 0
+    assert p.stderr.startswith("error: cannot load OpenWebText from the Hugging Face hub (")
+    assert p.stderr.rstrip().endswith("download its parquet files and pass --input=<their directory>")
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_openwebtext_text_file_not_utf8_stops_with_one_line(tmp_path):
+    docs = tmp_path / 'docs'
+    docs.mkdir()
+    (docs / 'good.txt').write_text('fine')
+    (docs / 'bad.txt').write_bytes(b'caf\xe9 noir')  # Latin-1
+    out = tmp_path / 'out'
+    p = prepare('openwebtext', tmp_path, f'--input={docs}', f'--out_dir={out}')
+    assert p.returncode != 0
+    # after datasets' progress bar, which ends in a carriage return
+    assert p.stderr.strip().splitlines()[-1].split('\r')[-1] == (
+        f"error: {docs / 'bad.txt'} is not UTF-8 text (invalid continuation byte at byte 3): convert it, or move it out of the directory")
+    assert 'Traceback' not in p.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('name', ['shakespeare', 'openwebtext'])
+def test_tokenizer_without_bpe_files_or_network_stops_with_one_line(tmp_path, name):
+    source = SHAKESPEARE if name == 'shakespeare' else write_documents(tmp_path, 'jsonl')
+    out = tmp_path / 'out'
+    empty_cache = tmp_path / 'tiktoken_cache'
+    empty_cache.mkdir()
+    p = prepare(name, tmp_path, f'--input={source}', f'--out_dir={out}',
+                env={'TIKTOKEN_CACHE_DIR': str(empty_cache), 'HTTPS_PROXY': 'http://127.0.0.1:9'})
+    assert p.returncode != 0
+    line = p.stderr.strip().splitlines()[-1].split('\r')[-1]
+    assert line.startswith("error: tiktoken cannot get GPT-2's BPE files (") and 'set TIKTOKEN_CACHE_DIR to a directory' in line
+    assert 'Traceback' not in p.stderr
+    assert not out.exists()
 
 
 @pytest.mark.parametrize('name', ['shakespeare_char', 'shakespeare', 'openwebtext'])

@@ -49,7 +49,7 @@ def fails_with(cwd, args, message, launcher_code=None):
     (['--n_exp=4', '--top_k=5'], "error: top_k=5 must be between 1 and n_exp=4"),
     (['--n_embd=30', '--n_head=4'], "error: n_embd=30 is not divisible by n_head=4: pick n_embd a multiple of n_head"),
     (['--init_from=gtp2'], "error: init_from='gtp2' is not 'scratch', 'resume', a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local GPT-2 directory"),
-    (['--dataset=nowhere'], "error: data/nowhere/train.bin not found: run python data/nowhere/prepare.py first"),
+    (['--dataset=empty'], "error: data/empty/train.bin not found: run python data/openwebtext/prepare.py --input=<your documents> --out_dir=data/empty first"),
     (['--dataset=short'], "error: data/short/train.bin has 20 tokens, fewer than block_size + 1 = 33: use a smaller --block_size or more data"),
     (['--n_head=0'], "error: n_head=0 must be >= 1"),
     (['--eval_interval=0'], "error: eval_interval=0 must be >= 1"),
@@ -60,6 +60,7 @@ def fails_with(cwd, args, message, launcher_code=None):
 ])
 def test_bad_config_or_data_stops_before_any_work(workdir, args, message):
     make_dataset(workdir, 'short', 20, 65)
+    (workdir / 'data' / 'empty').mkdir(exist_ok=True)
     out = workdir / 'out-never'
     fails_with(workdir, [*TINY, f'--out_dir={out}', *args], message)
     assert not out.exists()  # nothing written

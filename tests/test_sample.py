@@ -46,7 +46,7 @@ def write_run(tmp_path, n_exp, compiled_prefix=False, vocab_size=len(CHARS), dat
 def sample(tmp_path, *args, script=os.path.join(ROOT, 'sample.py'), **env):
     # one thread: on a busy 2-core machine, OpenMP threads waiting on each other make these tiny
     # forwards several times slower
-    env = dict(os.environ, OMP_NUM_THREADS='1', TIKTOKEN_CACHE_DIR=TIKTOKEN_CACHE, **env)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TIKTOKEN_CACHE_DIR': TIKTOKEN_CACHE, **env}
     return subprocess.run([sys.executable, script, '--device=cpu', *args],
                           capture_output=True, text=True, cwd=tmp_path, env=env)
 
@@ -111,6 +111,17 @@ def test_checkpoint_without_meta_decodes_with_gpt2_bpe(tmp_path):
     assert p.returncode == 0, p.stderr
     expected = enc.decode(model.generate(torch.tensor([enc.encode(start)]), 8, top_k=1)[0].tolist())
     assert p.stdout.endswith(expected + '\n---------------\n')
+
+
+def test_gpt2_bpe_without_its_files_or_network_stops_with_one_line(tmp_path):
+    _, out_dir = write_run(tmp_path, n_exp=1, vocab_size=50257, dataset='openwebtext')
+    empty_cache = tmp_path / 'tiktoken_cache'
+    empty_cache.mkdir()
+    p = sample(tmp_path, f'--out_dir={out_dir}', '--num_samples=1', '--max_new_tokens=2',
+               TIKTOKEN_CACHE_DIR=str(empty_cache), HTTPS_PROXY='http://127.0.0.1:9')
+    assert p.returncode != 0
+    assert p.stderr.startswith("error: tiktoken cannot get GPT-2's BPE files (") and 'TIKTOKEN_CACHE_DIR' in p.stderr
+    assert len(p.stderr.splitlines()) == 1
 
 
 def test_out_dir_without_checkpoint_stops_with_one_line(tmp_path):

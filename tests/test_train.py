@@ -80,6 +80,29 @@ def test_moe_training_lowers_loss_and_checkpoints_every_moe_key(moe_run):
     assert len(shares) == 4 and abs(sum(shares) - 1) < 1e-5 and 0 <= dropped < 1
 
 
+def test_run_says_once_what_it_runs_and_at_the_end_where_its_best_model_is(moe_run):
+    out, p = moe_run
+    state = torch.load(out / 'ckpt.pt', weights_only=False)['model']
+    total = sum(v.numel() for k, v in state.items() if k != 'lm_head.weight')  # tied to wte
+    experts = sum(v.numel() for k, v in state.items() if '.experts.' in k)
+    active = total - experts * (4 - 2) // 4  # each token runs top_k=2 of the n_exp=4 experts
+    start = (f"device cpu, dtype float32, compile False, {total:,} parameters ({active:,} active per token), "
+             f"128 tokens per iteration, out_dir {out}")  # 1 step x 4 sequences x 32 tokens
+    assert p.stdout.splitlines().count(start) == 1
+    best = min(v for _, v in logged(out, 'val_loss'))
+    assert p.stdout.splitlines()[-1] == f"best val loss {best:.4f}; {out / 'ckpt.pt'} holds iter 40 (val loss {best:.4f})"
+
+
+def test_unknown_dataset_names_the_datasets_in_data(tmp_path):
+    for name in ('shakespeare_char', 'openwebtext'):
+        (tmp_path / 'data' / name).mkdir(parents=True)
+    p = train(tmp_path, *TINY, '--dataset=shakespear_char', check=False)
+    assert p.returncode != 0
+    assert p.stderr == ("error: no dataset 'shakespear_char' in data/ (it has openwebtext, shakespeare_char): "
+                        "pick one, or prepare yours into data/shakespear_char/\n")
+    assert not (tmp_path / 'out').exists()
+
+
 def test_train_seconds_add_up_the_steps_and_leave_evals_out(moe_run):
     # log_interval=1: every step is logged, so train_s is the running sum of the logged step times
     out, _ = moe_run

@@ -12,8 +12,10 @@ import argparse
 import urllib.request
 
 import numpy as np
-import tiktoken
 from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository root
+from tokenizer import gpt2_encoding
 
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 
@@ -36,7 +38,7 @@ if not os.path.exists(input_file_path):
 with open(input_file_path, encoding='utf-8') as f:
     data = f.read()
 
-enc = tiktoken.get_encoding("gpt2")
+enc = gpt2_encoding()
 n = len(data)
 os.makedirs(args.out_dir, exist_ok=True)
 for split, text in (('train', data[:int(n * 0.9)]), ('val', data[int(n * 0.9):])):
