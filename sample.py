@@ -74,7 +74,7 @@ model.eval()
 model.to(device)
 if compile:
     # in place: generate calls self(...), which torch.compile(model) would leave uncompiled. Three
-    # graphs, each compiled once: the prompt's forward, a one-token step, and past block_size the window
+    # graphs per batch size, none per token: the prompt's forward, a one-token step, past block_size the window
     model.compile()
 
 # prompt
