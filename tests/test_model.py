@@ -295,7 +295,7 @@ def test_compiled_generate_compiles_three_graphs_whatever_the_length():
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
-    model = tiny(block_size=16).eval()
+    model = tiny(block_size=16, n_layer=2).eval()
     idx = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
     expected = [model.generate(idx, n, top_k=1) for n in (20, 40)]
     model.compile(backend='aot_eager')  # in place, as sample.py does
