@@ -7,6 +7,9 @@ $ python bench.py --mode=step --device=cpu --compile=False --real_data=False --v
     --block_size=64 --n_layer=4 --n_head=4 --n_embd=128
     # a whole training step (forward, backward, AdamW) of the MoE model against the dense model of the same
     # shape and the dense model of the same FLOPs
+$ OMP_NUM_THREADS=1 python bench.py --mode=sample --device=cpu --compile=False --dtype=float32 --vocab_size=65 \
+    --batch_size=1 --block_size=256 --n_layer=6 --n_head=6 --n_embd=384 --num_steps=3
+    # greedy generate (key/value cache) against nanoGPT's loop that recomputes the whole context, dense and MoE
 Timings are medians over num_steps; the formulations or models compared run interleaved, step by step,
 so that a busy machine slows them alike.
 """
@@ -14,6 +17,7 @@ import os
 import sys
 import time
 import pickle
+import functools
 import statistics
 from contextlib import nullcontext
 from dataclasses import fields
@@ -30,7 +34,7 @@ from model import GPTConfig, GPT, MLP, gpu_peak_flops
 from manager import MANAGER
 
 # -----------------------------------------------------------------------------
-mode = 'model'  # 'model': train steps of the model; 'layer': MoE layer vs baselines; 'step': dense vs MoE step
+mode = 'model'  # 'model': train steps of the model; 'layer': MoE layer vs baselines; 'step': dense vs MoE step; 'sample': generate
 batch_size = 12  # sequences per forward
 block_size = 1024  # tokens per sequence
 real_data = True  # True: batches from data/<dataset>/train.bin; False: random tokens
@@ -42,6 +46,8 @@ dtype = ''  # '' picks bfloat16 where CUDA supports it, else float16 on CUDA, fl
 compile = torch.cuda.is_available()  # torch.compile what is timed (pays off on CUDA)
 profile = False  # mode='model': write a torch.profiler trace to ./bench_log instead of timing
 num_steps = 20  # timed steps, after 10 to warm up
+prompt_len = 16  # mode='sample': prompt tokens per sequence
+max_new_tokens = 200  # mode='sample': tokens generated per sequence
 peak_flops = 0.0  # device peak in FLOP/s for MFU; 0: looked up for known GPUs, no MFU on CPU
 # model: GPT-2 small with an MoE MLP in every other block (the keys and meaning of GPTConfig)
 n_layer = 12
@@ -61,12 +67,15 @@ router_use_full_prec = True
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
-if mode not in ('model', 'layer', 'step'):
-    sys.exit(f"error: mode='{mode}' is not 'model', 'layer' or 'step'")
+if mode not in ('model', 'layer', 'step', 'sample'):
+    sys.exit(f"error: mode='{mode}' is not 'model', 'layer', 'step' or 'sample'")
 if profile and mode != 'model':
     sys.exit(f"error: profile=True profiles mode='model' only, not mode='{mode}'")
 if mode != 'model' and n_exp < 2:
-    sys.exit(f"error: mode='{mode}' measures an MoE layer: set --n_exp to 2 or more")
+    sys.exit(f"error: mode='{mode}' measures an MoE model: set --n_exp to 2 or more")
+if mode == 'sample' and not (1 <= prompt_len <= block_size and max_new_tokens >= 1):
+    sys.exit(f"error: mode='sample' needs 1 <= prompt_len <= block_size and max_new_tokens >= 1, got prompt_len={prompt_len}, "
+             f"block_size={block_size}, max_new_tokens={max_new_tokens}")
 if mode == 'layer' and dropout > 0:
     sys.exit(f"error: mode='layer' first checks that the formulations agree, which dropout={dropout} prevents: leave dropout at 0")
 if dtype not in ('', 'float32', 'bfloat16', 'float16'):
@@ -81,7 +90,7 @@ ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torc
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 # data: uint16 token ids as written by data/<dataset>/prepare.py, or random tokens
-if real_data and mode != 'layer':
+if real_data and mode in ('model', 'step'):
     data_dir = os.path.join('data', dataset)
     train_path = os.path.join(data_dir, 'train.bin')
     if not os.path.exists(train_path):
@@ -268,6 +277,42 @@ elif mode == 'step':
               f"{flops[name] / 1e9:.2f} GFLOP/step")
     print(f"moe/dense: time {dt['moe'] / dt['dense']:.3f}x, FLOPs {flops['moe'] / flops['dense']:.3f}x; "
           f"moe/dense-eq: time {dt['moe'] / dt['dense-eq']:.3f}x, FLOPs {flops['moe'] / flops['dense-eq']:.3f}x")
+
+elif mode == 'sample':
+    # eval_capacity 0: model(idx) routes dropless, as generate does, so both compute the same tokens
+    models = {name: GPT(GPTConfig(**{**model_args, 'n_exp': n, 'eval_capacity': 0})).to(device).eval()
+              for name, n in (('dense', 1), ('moe', n_exp))}
+    if compile:
+        for model in models.values():
+            model.compile()  # in place, as sample.py does: generate calls self(...)
+    prompt = torch.randint(vocab_size, (batch_size, prompt_len), device=device)
+
+    def recompute(model):
+        """ nanoGPT's generate, greedy: the whole context, cropped to block_size, through the model for every token """
+        idx = prompt
+        for _ in range(max_new_tokens):
+            logits, _ = model(idx[:, -block_size:])
+            idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+        return idx
+
+    def cached(model):
+        return model.generate(prompt, max_new_tokens, top_k=1)
+
+    runs = {(name, kind): functools.partial(fn, model) for name, model in models.items()
+            for kind, fn in (('cached', cached), ('recompute', recompute))}
+    with torch.no_grad(), ctx:
+        tokens = {key: run() for key, run in runs.items()}  # and warm up (and compile)
+        times = {key: [] for key in runs}
+        for _ in range(num_steps):
+            for key, run in runs.items():
+                times[key].append(timed(run))
+    print(f"greedy generate, batch {batch_size}, prompt {prompt_len}, {max_new_tokens} new tokens, "
+          f"block_size {block_size}, {dtype}, tokens/s:")
+    for name in models:
+        speed = {kind: batch_size * max_new_tokens / statistics.median(times[name, kind]) for kind in ('cached', 'recompute')}
+        same = (tokens[name, 'cached'] == tokens[name, 'recompute'])[:, prompt_len:].float().mean().item()
+        print(f"{name:>6}: cached {speed['cached']:8.1f}, recompute {speed['recompute']:8.1f}, "
+              f"{speed['cached'] / speed['recompute']:5.2f}x; {same:.1%} of the tokens the same")
 
 else:  # mode == 'layer'
     layer = GPT(GPTConfig(**{**model_args, 'n_layer': 1})).transformer.h[0].mlp.to(device)  # GPT's init

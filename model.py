@@ -49,14 +49,19 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
 
-    def forward(self, x):
+    def forward(self, x, kv_cache=None, pos=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0,
-                                           is_causal=True)
+        mask = None
+        if kv_cache is not None:  # generate: cache this call's keys and values at positions pos (T,), attend to those up to each
+            kv_cache[0][:, :, pos], kv_cache[1][:, :, pos] = k, v  # index_put_, which torch.compile does in place
+            k, v = kv_cache  # (B, nh, S, hs)
+            mask = pos.unsqueeze(1) >= torch.arange(k.size(2), device=x.device)  # (T, S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0,
+                                           is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -234,12 +239,12 @@ class MOELayer(nn.Module):
         cap += cap % 2
         return min(max(cap, self.min_capacity), N)
 
-    def forward(self, x):
+    def forward(self, x, dropless=False):
         B, T, C = x.size()
         N, E, k = B * T, self.n_exp, self.top_k
         x = x.view(N, C)
         gates, topk_idx, tokens_per_expert = self.router(x)  # (N, k), (N, k), (E,)
-        cap = self.capacity(N)
+        cap = N if dropless else self.capacity(N)
         kept_per_expert = tokens_per_expert.clamp(max=cap)  # (E,)
 
         # Numbering assignments a = j*N + t and stably sorting them by expert lists each expert's
@@ -301,10 +306,10 @@ class Block(nn.Module):
         use_moe = config.n_exp > 1 and layer_idx % config.stride == 0
         self.mlp = MOELayer(config, layer_idx) if use_moe else MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        x = x + self.mlp(self.ln_2(x))
-        return x
+    def forward(self, x, kv_cache=None, pos=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, pos)
+        moe_args = dict(dropless=True) if kv_cache is not None and isinstance(self.mlp, MOELayer) else {}  # GPT.generate
+        return x + self.mlp(self.ln_2(x), **moe_args)
 
 
 @dataclass
@@ -415,18 +420,18 @@ class GPT(nn.Module):
                 if b is not None:
                     torch.nn.init.zeros_(b)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None, pos=None):  # cache, pos (t,): generate's, see there
         MANAGER.reset()  # nothing from an earlier step or mode may leak into this one
         device = idx.device
         b, t = idx.size()
         assert t <= self.config.block_size, f"Cannot forward sequence of length {t}, block size is only {self.config.block_size}"
-        pos = torch.arange(0, t, dtype=torch.long, device=device)  # shape (t)
+        pos = torch.arange(0, t, dtype=torch.long, device=device) if pos is None else pos  # shape (t)
 
         tok_emb = self.transformer.wte(idx)  # token embeddings of shape (b, t, n_embd)
         pos_emb = self.transformer.wpe(pos)  # position embeddings of shape (t, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x) if cache is None else block(x, cache[i], pos)
         x = self.transformer.ln_f(x)
 
         if targets is not None:
@@ -447,9 +452,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def crop_block_size(self, block_size):
-        # model surgery to decrease the block size if necessary
-        # e.g. we may load the GPT2 pretrained model checkpoint (block size 1024)
-        # but want to use a smaller block size for some smaller, simpler model
+        # model surgery, e.g. GPT-2's block size 1024 down to a smaller model's
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
@@ -548,11 +551,25 @@ class GPT(nn.Module):
         Take a conditioning sequence of indices idx (LongTensor of shape (b,t)) and complete
         the sequence max_new_tokens times, feeding the predictions back into the model each time.
         Most likely you'll want to make sure to be in model.eval() mode of operation for this.
+        The prompt's forward fills a key/value cache per block, later ones run the newest token alone.
+        MoE layers route dropless, as model(idx) does with eval_capacity <= 0: a token's experts never
+        depend on other tokens, so cached tokens stay valid (README, Sampling).
         """
-        for _ in range(max_new_tokens):
-            # if the sequence context is growing too long we must crop it at block_size
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
+        L, hs = self.config.block_size, self.config.n_embd // self.config.n_head
+        shape = (idx.size(0), self.config.n_head, min(L, idx.size(1) + max_new_tokens), hs)  # (B, nh, S, hs)
+        # zeros, not empty: slots not yet written get attention weight 0, and 0 * nan is nan
+        kw = dict(dtype=_compute_dtype(self.lm_head.weight), device=idx.device)  # c_attn's output dtype
+        cache = [(torch.zeros(shape, **kw), torch.zeros(shape, **kw)) for _ in self.transformer.h]
+        for i in range(max_new_tokens):
+            t = idx.size(1)
+            if i == 0 or t > L:
+                # the prompt, or past block_size nanoGPT's crop: the learned position embeddings shift
+                # with the crop and change every cached key and value, so each token past block_size
+                # costs a forward over the whole window, as in nanoGPT's loop
+                idx_cond, pos = idx[:, -L:], torch.arange(min(t, L), device=idx.device)
+            else:
+                idx_cond, pos = idx[:, -1:], torch.tensor([t - 1], device=idx.device)
+            logits, _ = self(idx_cond, cache=cache, pos=pos)
             logits = logits[:, -1, :] / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))

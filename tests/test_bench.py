@@ -1,6 +1,7 @@
 """
 bench.py run the way a user runs it, as a subprocess at tiny configs: each mode prints its lines,
-and in mode='layer' the one-hot and loop baselines agree with MOELayer, drops included.
+in mode='layer' the one-hot and loop baselines agree with MOELayer, drops included, and in
+mode='sample' cached generate and the recompute loop give the same tokens.
 Timings are printed, never asserted.
 """
 import os
@@ -86,8 +87,19 @@ def test_the_profiler_leaves_stderr_empty(tmp_path, args):
     assert err == ''
 
 
+def test_sample_mode_times_cached_generate_against_recompute_on_the_same_tokens():
+    # 30 tokens after a 5-token prompt: past block_size 16, where generate recomputes the window too
+    code, out, err = bench('--mode=sample', '--prompt_len=5', '--max_new_tokens=30')
+    assert code == 0, err
+    for name in ('dense', 'moe'):
+        assert re.search(rf"^ *{name}: cached +[\d.]+, recompute +[\d.]+, +[\d.]+x; 100.0% of the tokens the same$",
+                         out, re.M), out
+
+
 @pytest.mark.parametrize('args,message', [
-    (['--mode=layers'], "error: mode='layers' is not 'model', 'layer' or 'step'"),
+    (['--mode=layers'], "error: mode='layers' is not 'model', 'layer', 'step' or 'sample'"),
+    (['--mode=sample', '--prompt_len=17'], "error: mode='sample' needs 1 <= prompt_len <= block_size and "
+     "max_new_tokens >= 1, got prompt_len=17, block_size=16, max_new_tokens=200"),
     (['--real_data=True', '--dataset=nope'],
      "error: data/nope/train.bin not found: run python data/nope/prepare.py first, or use --real_data=False"),
     (['--dtype=fp16'], "error: dtype='fp16' is not one of float32, bfloat16, float16 ('' picks one for the device)"),

@@ -203,17 +203,54 @@ def test_active_params_count_top_k_of_n_exp_experts():
     assert dense.get_num_params(active=True) == dense.get_num_params()
 
 
-def test_generate_greedy_matches_argmax_loop_and_crops_context():
-    model = tiny(block_size=8).eval()
-    idx = torch.randint(0, 64, (2, 5))
-    out = model.generate(idx, max_new_tokens=10, top_k=1)
-    assert out.shape == (2, 15) and torch.equal(out[:, :5], idx)
-    expected = idx
+def argmax_loop(model, idx, max_new_tokens):
+    """ nanoGPT's generate, greedy: the whole context, cropped to block_size, through model(idx) for every token """
     with torch.no_grad():
-        for _ in range(10):
-            logits, _ = model(expected[:, -8:])
-            expected = torch.cat([expected, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, expected)
+        for _ in range(max_new_tokens):
+            logits, _ = model(idx[:, -model.config.block_size:])
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def recording_forward_widths(monkeypatch):
+    """ the number of tokens of every GPT forward from now on """
+    widths, forward = [], GPT.forward
+    monkeypatch.setattr(GPT, 'forward', lambda self, idx, *args, **kw: widths.append(idx.size(1)) or forward(self, idx, *args, **kw))
+    return widths
+
+
+@pytest.mark.parametrize('n_exp', [1, 4])
+def test_greedy_generate_runs_one_token_at_a_time_and_matches_dropless_argmax_loop(monkeypatch, n_exp):
+    # eval_capacity 0.5 drops assignments in model(idx); generate routes dropless, as the reference does
+    model = tiny(block_size=16, n_exp=n_exp, eval_capacity=0.5).eval()
+    with torch.no_grad():  # experts 10x the init, so that what routing keeps changes the argmax
+        for name, p in model.named_parameters():
+            p.mul_(10 if '.experts.' in name else 1)
+    reference = tiny(block_size=16, n_exp=n_exp, eval_capacity=0).eval()
+    reference.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(0))
+    widths = recording_forward_widths(monkeypatch)
+    out = model.generate(idx, max_new_tokens=30, top_k=1)  # 35 tokens: 19 past block_size
+    # the prompt, one token at a time up to block_size, then nanoGPT's crop: a full window each token
+    assert widths == [5] + [1] * 11 + [16] * 18
+    assert torch.equal(out, argmax_loop(reference, idx, 30))
+    if n_exp > 1:  # the capacity-limited loop drops and so differs: routing decides the tokens here
+        assert not torch.equal(out, argmax_loop(model, idx, 30))
+
+
+def test_generate_leaves_training_and_eval_losses_untouched():
+    model = tiny(use_noisy_top_k=False, eval_capacity=1.0)
+    idx, targets = batch()
+
+    def losses():
+        model.train()
+        train_loss = model(idx, targets)[1]
+        model.eval()
+        return train_loss, model(idx, targets)[1]
+
+    before = losses()
+    model.generate(idx[:, :4], max_new_tokens=40)
+    assert losses() == before
 
 
 def test_crop_block_size():
@@ -254,3 +291,19 @@ def test_compiled_moe_model_has_no_graph_breaks_or_recompiles():
     assert counters['stats']['unique_graphs'] == 2  # one graph for eval, one for train
     assert not counters['graph_break'], dict(counters['graph_break'])
     assert len(MANAGER.aux_loss) == 2  # the side effects of the compiled forward reach MANAGER
+
+
+def test_compiled_generate_compiles_three_graphs_whatever_the_length():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny(block_size=16, n_layer=2).eval()
+    idx = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    expected = [model.generate(idx, n, top_k=1) for n in (20, 40)]
+    model.compile(backend='aot_eager')  # in place, as sample.py does
+    assert all(torch.equal(model.generate(idx, n, top_k=1), e) for n, e in zip((20, 40), expected))
+    # the prompt's forward, a one-token step and the window past block_size: the positions are a tensor
+    assert counters['stats']['unique_graphs'] == 3
+    assert not counters['graph_break'], dict(counters['graph_break'])
+

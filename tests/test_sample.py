@@ -1,7 +1,7 @@
 """
 sample.py run as a user runs it, on checkpoints in train.py's format (a dense and an MoE GPT,
 one saved from a torch.compile'd model), decoded with a character-level meta.pkl or with GPT-2
-BPE, against the same model's greedy generate, with --compile and --dtype doing what they say;
+BPE, against the same model's greedy generate, in batches, with --compile and --dtype doing what they say;
 and its one-line errors.
 """
 import ast
@@ -56,48 +56,52 @@ def sample(tmp_path, *args, script=os.path.join(ROOT, 'sample.py'), **env):
 PROBE = """
 import runpy
 import sys
+import torch
 sys.path.insert(0, {root!r})
 import model
 from torch._dynamo.utils import counters
 
 forward = model.GPT.forward
-logits_dtypes = set()
-def forward_recording_dtype(self, idx, targets=None):
-    logits, loss = forward(self, idx, targets)
+logits_dtypes, shapes = set(), []
+def forward_recording(self, idx, *args, **kwargs):
+    logits, loss = forward(self, idx, *args, **kwargs)
     logits_dtypes.add(str(logits.dtype))
+    if not torch.compiler.is_compiling():  # a list growing under compile would fail its guards
+        shapes.append(tuple(idx.shape))
     return logits, loss
-model.GPT.forward = forward_recording_dtype
+model.GPT.forward = forward_recording
 sys.argv[0] = {sample!r}
 runpy.run_path({sample!r}, run_name='__main__')
-print('PROBE', sorted(logits_dtypes), counters['stats']['unique_graphs'])
+print('PROBE', repr((sorted(logits_dtypes), counters['stats']['unique_graphs'], shapes)))
 """
 
 
 def sample_probed(tmp_path, *args):
-    """ sample(), and the logits' dtypes and the number of compiled graphs, from PROBE """
+    """ sample(), and from PROBE the logits' dtypes, the number of compiled graphs and the shapes
+    of the forwards' inputs (eager runs only) """
     probe = tmp_path / 'probe.py'
     probe.write_text(PROBE.format(root=ROOT, sample=os.path.join(ROOT, 'sample.py')))
     p = sample(tmp_path, *args, script=str(probe))
     assert p.returncode == 0, p.stderr
     output, report = p.stdout.rsplit('PROBE ', 1)
-    dtypes, graphs = report.rsplit(' ', 1)
-    return output, ast.literal_eval(dtypes), int(graphs)
+    return output, *ast.literal_eval(report)
 
 
-@pytest.mark.parametrize('n_exp,compiled_prefix', [(1, False), (4, True)])
-def test_greedy_samples_match_the_checkpointed_model(tmp_path, n_exp, compiled_prefix):
+@pytest.mark.parametrize('n_exp,compiled_prefix,batch_size,batches', [(1, False, 0, [3]), (4, True, 2, [2, 1])])
+def test_greedy_samples_match_the_checkpointed_model_in_batches(tmp_path, n_exp, compiled_prefix, batch_size, batches):
     model, out_dir = write_run(tmp_path, n_exp, compiled_prefix)
     start = 'to be'
-    p = sample(tmp_path, f'--out_dir={out_dir}', f'--start={start}', '--num_samples=2', '--max_new_tokens=20',
-               '--top_k=1')
-    assert p.returncode == 0, p.stderr
-    samples = p.stdout.split('Loading meta from data/tiny_char/meta.pkl...\n', 1)[1].split('\n---------------\n')
-    assert samples[-1] == '' and len(samples) == 3
-    # top_k=1 is greedy: both samples are the model's argmax continuation, 20 tokens past block_size 16
+    output, _, _, shapes = sample_probed(tmp_path, f'--out_dir={out_dir}', f'--start={start}', '--num_samples=3',
+                                         '--max_new_tokens=20', '--top_k=1', f'--batch_size={batch_size}')
+    samples = output.split('Loading meta from data/tiny_char/meta.pkl...\n', 1)[1].split('\n---------------\n')
+    assert samples[-1] == '' and len(samples) == 4
+    # top_k=1 is greedy: every sample is the model's argmax continuation, 20 tokens past block_size 16
     idx = torch.tensor([[CHARS.index(c) for c in start]])
     expected = ''.join(CHARS[i] for i in model.generate(idx, 20, top_k=1)[0].tolist())
-    assert samples[:2] == [expected, expected]
+    assert samples[:3] == [expected] * 3
     assert len(expected) == len(start) + 20 and set(expected) <= set(CHARS)
+    # each batch: one generate, with the key/value cache: the prompt, 11 steps of one token, 8 windows
+    assert shapes == [s for B in batches for s in [(B, 5)] + [(B, 1)] * 11 + [(B, 16)] * 8]
 
 
 def test_checkpoint_without_meta_decodes_with_gpt2_bpe(tmp_path):
@@ -152,21 +156,21 @@ def test_missing_prompt_file_stops_with_one_line(tmp_path):
 
 def test_compile_runs_the_compiled_forward_and_samples_the_same(tmp_path):
     model, out_dir = write_run(tmp_path, n_exp=1)
-    # longer than block_size 16, so the compiled forward also runs on generate's cropped context
-    start = 'to be or not to be, that is'
-    output, dtypes, graphs = sample_probed(tmp_path, f'--out_dir={out_dir}', f'--start={start}', '--num_samples=2',
-                                           '--max_new_tokens=4', '--top_k=1', '--compile=True')
-    assert graphs > 0  # generate's forwards went through torch.compile
+    # 19 tokens past the prompt, beyond block_size 16: generate's prompt, one-token and window forwards
+    start = 'to be'
+    output, dtypes, graphs, _ = sample_probed(tmp_path, f'--out_dir={out_dir}', f'--start={start}', '--num_samples=2',
+                                              '--max_new_tokens=20', '--top_k=1', '--compile=True')
+    assert graphs == 3  # each compiled once, none per token
     idx = torch.tensor([[CHARS.index(c) for c in start]])
-    expected = ''.join(CHARS[i] for i in model.generate(idx, 4, top_k=1)[0].tolist())
+    expected = ''.join(CHARS[i] for i in model.generate(idx, 20, top_k=1)[0].tolist())
     assert output.endswith(f'{expected}\n---------------\n{expected}\n---------------\n')
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_dtype_autocasts_on_cpu_as_train_does(tmp_path, dtype):
     _, out_dir = write_run(tmp_path, n_exp=4)
-    output, dtypes, graphs = sample_probed(tmp_path, f'--out_dir={out_dir}', '--num_samples=1', '--max_new_tokens=3',
-                                           f'--dtype={dtype}')
+    output, dtypes, graphs, _ = sample_probed(tmp_path, f'--out_dir={out_dir}', '--num_samples=1', '--max_new_tokens=3',
+                                              f'--dtype={dtype}')
     assert dtypes == [f'torch.{dtype}'] and graphs == 0
 
 
@@ -176,6 +180,7 @@ def test_dtype_autocasts_on_cpu_as_train_does(tmp_path, dtype):
     ('--top_k=0', "error: top_k=0 must be >= 1"),
     ('--num_samples=0', "error: num_samples=0 must be >= 1"),
     ('--max_new_tokens=-2', "error: max_new_tokens=-2 must be >= 1"),
+    ('--batch_size=-1', "error: batch_size=-1 must be >= 0 (0: all num_samples in one batch)"),
     ('--dtype=fp16', "error: dtype='fp16' is not one of float32, bfloat16, float16 ('' picks one for the device)"),
 ])
 def test_bad_sampling_setting_stops_with_one_line(tmp_path, arg, message):
