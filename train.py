@@ -219,10 +219,9 @@ def get_batch(split, it, micro):
 # init these up here, can override if init_from='resume' (i.e. from a checkpoint)
 iter_num = 0
 best_val_loss = 1e9
-saved = None  # (iter, val loss) of the checkpoint this run wrote last
 train_s = 0.0  # seconds of training steps so far (a first step's compile included), evals and checkpoints left out
 checkpoint = None
-saved_iter = None  # the iteration ckpt.pt holds
+saved_iter = None  # the iteration out_dir's ckpt.pt holds
 
 # model init
 model_args = {k: config[k] for k in model_keys}
@@ -407,11 +406,15 @@ if wandb_log and master_process:
 
 
 
+def checkpoint_status():
+    return f"{ckpt_path} holds iter {saved_iter}" if saved_iter is not None else "no checkpoint yet"
+
+
 def on_interrupt(signum, frame):
     """ Ctrl-C: one line on where the run can go on from, not a traceback """
     if master_process:
-        where = f"the last checkpoint, {ckpt_path}, holds iter {saved_iter}" if saved_iter is not None else "no checkpoint yet"
-        print(f"\ninterrupted at iter {iter_num}: {where}; continue with --init_from=resume --out_dir={out_dir}", flush=True)
+        print(f"\ninterrupted at iter {iter_num}: {checkpoint_status()}; continue with --init_from=resume --out_dir={out_dir}",
+              flush=True)
     sys.exit(130)
 
 
@@ -450,7 +453,6 @@ while True:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and not eval_only:
                 save_checkpoint()
-                saved = (iter_num, losses['val'])
         t0 += time.time() - t_eval
     if eval_only:
         break
@@ -541,7 +543,7 @@ while True:
 if master_process:
     log_file.close()
     if not eval_only:
-        print(f"best val loss {best_val_loss:.4f}; " + (f"{ckpt_path} holds iter {saved[0]} (val loss {saved[1]:.4f})" if saved else
-              f"this run wrote no checkpoint (the first is at the first eval after iter 0, eval_interval={eval_interval})"))
+        print(f"best val loss {best_val_loss:.4f}; {checkpoint_status()}")
 if ddp:
+    torch.distributed.barrier()  # together: a process that tears gloo down while the other still talks to it aborts
     destroy_process_group()
