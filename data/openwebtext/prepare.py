@@ -25,9 +25,10 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository root
 from tokenizer import gpt2_encoding
 
-# the hub's OpenWebText as parquet files (datasets >= 4 runs no loading scripts), pinned to the
-# commit that converted it, so every run reads the same documents in the same order
-HUB_FILES = 'hf://datasets/Skylion007/openwebtext@7577b918bd30b25df0b88bb718dc8a6c80cb619b/data/train-*-of-00080.parquet'
+# the hub's OpenWebText as parquet files (datasets >= 4 runs no loading scripts; the main branch still
+# holds the script). The hub's conversion pull request has all 80 files; refs/convert/parquet holds
+# only the first 5 GB of a dataset this large
+HUB_FILES = 'hf://datasets/Skylion007/openwebtext@refs/pr/19/data/train-*-of-00080.parquet'
 TEXT_EXTENSIONS = ('.txt', '.md')
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
