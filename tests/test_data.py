@@ -11,10 +11,11 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA, needs_shared_data
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, '..', 'shared', 'data')
-SHAKESPEARE = os.path.join(SHARED, 'tinyshakespeare', 'input.txt')
-TIKTOKEN_CACHE = os.path.join(SHARED, 'tiktoken_cache')
+SHAKESPEARE = os.path.join(SHARED_DATA, 'tinyshakespeare', 'input.txt')
+TIKTOKEN_CACHE = os.path.join(SHARED_DATA, 'tiktoken_cache')
 
 
 def prepare(name, tmp_path, *args, runner=(), env=None):
@@ -32,6 +33,7 @@ def gpt2():
     return tiktoken.get_encoding('gpt2')
 
 
+@needs_shared_data
 def test_shakespeare_char_vocab_and_split_sizes(tmp_path):
     out = tmp_path / 'out'
     p = prepare('shakespeare_char', tmp_path, f'--input={SHAKESPEARE}', f'--out_dir={out}')
@@ -46,6 +48,7 @@ def test_shakespeare_char_vocab_and_split_sizes(tmp_path):
     assert ''.join(meta['itos'][i] for i in np.concatenate([train, val]).tolist()) == text
 
 
+@needs_shared_data
 def test_shakespeare_bpe_matches_tiktoken_and_nanogpt_counts(tmp_path):
     out = tmp_path / 'out'
     p = prepare('shakespeare', tmp_path, f'--input={SHAKESPEARE}', f'--out_dir={out}')
@@ -104,6 +107,7 @@ def write_documents(tmp_path, kind):
     return source
 
 
+@needs_shared_data
 @pytest.mark.parametrize('kind', ['hub', 'save_to_disk', 'jsonl', 'parquet_file', 'parquet_dir', 'text_dir'])
 def test_openwebtext_tokens_are_the_documents_gpt2_tokens_split_as_nanogpt(tmp_path, kind):
     source = write_documents(tmp_path, kind)
@@ -134,6 +138,7 @@ def test_openwebtext_from_the_hub_without_network_stops_with_one_line(tmp_path, 
     assert not out.exists()
 
 
+@needs_shared_data
 def test_openwebtext_text_file_not_utf8_stops_with_one_line(tmp_path):
     docs = tmp_path / 'docs'
     docs.mkdir()
@@ -151,7 +156,10 @@ def test_openwebtext_text_file_not_utf8_stops_with_one_line(tmp_path):
 
 @pytest.mark.parametrize('name', ['shakespeare', 'openwebtext'])
 def test_tokenizer_without_bpe_files_or_network_stops_with_one_line(tmp_path, name):
-    source = SHAKESPEARE if name == 'shakespeare' else write_documents(tmp_path, 'jsonl')
+    source = tmp_path / 'input.txt'
+    source.write_text('First Citizen:\nBefore we proceed any further, hear me speak.\n')
+    if name == 'openwebtext':
+        source = write_documents(tmp_path, 'jsonl')
     out = tmp_path / 'out'
     empty_cache = tmp_path / 'tiktoken_cache'
     empty_cache.mkdir()

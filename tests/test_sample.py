@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
+from conftest import SHARED_DATA, needs_shared_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIKTOKEN_CACHE = os.path.join(ROOT, '..', 'shared', 'data', 'tiktoken_cache')
+TIKTOKEN_CACHE = os.path.join(SHARED_DATA, 'tiktoken_cache')
 CHARS = sorted("\n abcdefghijklmnopqrstuvwxyz.,!")
 
 
@@ -104,6 +105,7 @@ def test_greedy_samples_match_the_checkpointed_model_in_batches(tmp_path, n_exp,
     assert shapes == [s for B in batches for s in [(B, 5)] + [(B, 1)] * 11 + [(B, 16)] * 8]
 
 
+@needs_shared_data
 def test_checkpoint_without_meta_decodes_with_gpt2_bpe(tmp_path):
     os.environ.setdefault('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
     import tiktoken

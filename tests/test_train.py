@@ -12,9 +12,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(ROOT, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
+SHAKESPEARE = os.path.join(SHARED_DATA, 'tinyshakespeare', 'input.txt')
 
 TINY = ['--dataset=shakespeare_char', '--device=cpu', '--compile=False', '--eval_iters=2', '--log_interval=1',
         '--block_size=32', '--batch_size=4', '--n_layer=2', '--n_head=2', '--n_embd=32', '--warmup_iters=2',
@@ -25,6 +26,8 @@ MOE = ['--n_exp=4', '--top_k=2', '--use_aux_loss=True', '--use_router_z_loss=Tru
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
     """ a directory with data/shakespeare_char/ as nanoGPT's char-level prepare writes it """
+    if not os.path.exists(SHAKESPEARE):
+        pytest.skip(f"needs {SHAKESPEARE}")
     work = tmp_path_factory.mktemp('work')
     data_dir = work / 'data' / 'shakespeare_char'
     data_dir.mkdir(parents=True)
