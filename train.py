@@ -5,7 +5,7 @@ and also in a larger training run with distributed data parallel (ddp).
 To run on a single GPU (or CPU, or Apple silicon; the device is picked automatically), example:
 $ python train.py config/train_shakespeare_char_moe.py
 
-To run with DDP on 4 gpus on 1 node, example:
+To run with DDP on 4 gpus on 1 node, example (add --fsdp=True to shard the model instead of copying it):
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_nano_moe.py
 
 To run with DDP on 8 gpus on each of 2 nodes, example (gradient_accumulation_steps is the global
@@ -22,6 +22,7 @@ import sys
 import json
 import math
 import time
+import atexit
 import pickle
 import signal
 import subprocess
@@ -32,6 +33,9 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
+from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict
 
 from model import GPTConfig, GPT, load_checkpoint, model_from_checkpoint, use_grouped_mm, gpu_peak_flops
 from manager import MANAGER
@@ -95,6 +99,7 @@ lr_decay_iters = 600000  # should be ~= max_iters per Chinchilla
 min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
 # DDP settings
 backend = ''  # '' picks: 'nccl' on CUDA, 'gloo' on CPU
+fsdp = False  # under torchrun: shard weights, gradients and AdamW state over the processes (FSDP2), for models that do not fit in one
 # system
 device = ''  # '' picks: cuda if there, else mps, else cpu. Or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = ''  # '' picks: bfloat16 where CUDA supports it, else float16 (GradScaler) on CUDA, float32 elsewhere
@@ -144,32 +149,29 @@ if init_from != 'resume' and not eval_only and os.path.exists(ckpt_path):
 
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
+if fsdp and not ddp:
+    fail("fsdp=True shards the model over the processes torchrun starts: run torchrun --standalone --nproc_per_node=N train.py ... --fsdp=True")
 if not device:
     device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ.get(k, v)) for k, v in (('RANK', 0), ('LOCAL_RANK', 0), ('WORLD_SIZE', 1)))
+master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
 if ddp:
     init_process_group(backend=backend or ('nccl' if device_type == 'cuda' else 'gloo'))
-    ddp_rank = int(os.environ['RANK'])
-    ddp_local_rank = int(os.environ['LOCAL_RANK'])
-    ddp_world_size = int(os.environ['WORLD_SIZE'])
+    atexit.register(destroy_process_group)  # on every way out, errors included: no process group left to die at shutdown
     if device_type == 'cuda':
         device = f'cuda:{ddp_local_rank}'
         torch.cuda.set_device(device)
-    master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
-    # world_size number of processes will be training simultaneously, so we can scale
-    # down the desired gradient accumulation iterations per process proportionally
+    # gradient_accumulation_steps is the global count: each process runs its share
     if gradient_accumulation_steps % ddp_world_size != 0:
         fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the {ddp_world_size} processes: make it a multiple")
     gradient_accumulation_steps //= ddp_world_size
-else:
-    # if not ddp, we are running on a single gpu, and one process
-    master_process = True
-    ddp_rank = 0
-    ddp_world_size = 1
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 torch.manual_seed(seed)  # the model's initial weights
 if not dtype:
     dtype = 'float32' if device_type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+if fsdp and dtype == 'float16':
+    fail("fsdp=True does not train in float16 (its GradScaler would see only this process's shard of the gradients): use --dtype=bfloat16 or float32, or DDP")
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
@@ -235,7 +237,7 @@ if init_from == 'scratch':
 elif init_from == 'resume':
     print(f"Resuming training from {out_dir}")
     try:
-        checkpoint = load_checkpoint(ckpt_path, device)
+        checkpoint = load_checkpoint(ckpt_path, 'cpu' if fsdp else device)  # FSDP: each process keeps its shard of it
     except ValueError as e:
         fail(e)
     # the model is the checkpoint's, every key of it, MoE keys included
@@ -254,7 +256,7 @@ else:
     if os.path.exists(os.path.join(init_from, 'ckpt.pt')):
         print(f"Initializing from the weights of the run in {init_from}")
         try:
-            model = model_from_checkpoint(load_checkpoint(os.path.join(init_from, 'ckpt.pt'), device), dropout=dropout)
+            model = model_from_checkpoint(load_checkpoint(os.path.join(init_from, 'ckpt.pt'), 'cpu' if fsdp else device), dropout=dropout)
         except ValueError as e:
             fail(e)
         if upcycle_args and model.config.n_exp == 1:
@@ -284,7 +286,6 @@ if meta_vocab_size is not None and meta_vocab_size != model_args['vocab_size']:
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)
     model_args['block_size'] = block_size  # so that the checkpoint will have the right value
-model.to(device)
 raw_model = model  # what we save: neither compiled nor DDP-wrapped
 update_routing_bias = raw_model.config.n_exp > 1 and raw_model.config.use_aux_free_bias  # DeepSeek-V3, below
 cfg = raw_model.config
@@ -294,14 +295,39 @@ if (cfg.n_exp > 1 and min(cfg.train_capacity, cfg.eval_capacity) <= 0 and master
     print(f"warning: dropless routing here runs the experts on padded slots for all N tokens each: "
           f"n_exp/top_k = {cfg.n_exp / cfg.top_k:.1f}x the expert FLOPs and memory of the N*top_k assignments")
 peak_flops = gpu_peak_flops(device) if device_type == 'cuda' else 0.0  # 0: no MFU
+if fsdp:
+    # FSDP2 as its docs recommend: every Block a unit, gathered for its forward and backward, then the
+    # root (embeddings, ln_f). Each process keeps its shard of the model it built, on its device. Weights
+    # compute in dtype, gradients reduce in float32, the residual stream stays as autocast keeps it.
+    mp_policy = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in model.transformer.h:
+        if model.config.router_use_full_prec and hasattr(block.mlp, 'router'):
+            fully_shard(block.mlp.router)  # float32 weights: router_use_full_prec runs the router in float32
+        fully_shard(block, mp_policy=mp_policy)
+    fully_shard(model, mp_policy=mp_policy)
+else:
+    model.to(device)
 
 # initialize a GradScaler. If enabled=False scaler is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 
+
+def rekey(optim_state, key):
+    """ AdamW's state with its parameters renamed by key: the checkpoint names them by index, as
+    optimizer.state_dict(), the FSDP state-dict functions by their names in the model """
+    return {'state': {key[k]: v for k, v in optim_state['state'].items()},
+            'param_groups': [{**group, 'params': [key[k] for k in group['params']]} for group in optim_state['param_groups']]}
+
+
 # optimizer
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+names = {p: n for n, p in model.named_parameters()}
+param_names = [names[p] for group in optimizer.param_groups for p in group['params']]
 if init_from == 'resume':
-    optimizer.load_state_dict(checkpoint['optimizer'])
+    if fsdp:  # from the full state every process read, each keeps its shard
+        set_optimizer_state_dict(model, optimizer, rekey(checkpoint['optimizer'], dict(enumerate(param_names))), options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(checkpoint['optimizer'])
     if checkpoint.get('scaler'):  # empty when the run was not float16; nanoGPT's checkpoints have none
         scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = None  # free up memory
@@ -313,7 +339,7 @@ if compile:
 
 # wrap model into DDP container. Every expert's weights take part in every step (an expert
 # with no tokens runs on zero rows and gets a zero gradient), so no find_unused_parameters.
-if ddp:
+if ddp and not fsdp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 if master_process:
     print(f"device {device}, dtype {dtype}, compile {compile}, {raw_model.get_num_params(non_embedding=False):,} parameters "
@@ -324,9 +350,10 @@ if master_process:
 @torch.no_grad()
 def estimate_loss():
     out = {}
-    # the master evaluates alone, so not through DDP, whose forward may broadcast buffers (the
-    # routing bias) to processes that are not evaluating, or that have exited (eval_only)
-    eval_model = model.module if ddp else model
+    # under DDP the master evaluates alone, so not through DDP, whose forward may broadcast buffers
+    # (the routing bias) to processes that are not evaluating, or that have exited (eval_only).
+    # Under FSDP every process evaluates the same batches: each forward gathers all the shards
+    eval_model = model.module if isinstance(model, DDP) else model
     eval_model.eval()  # eval mode: CE alone, eval capacity, no dropout or router noise
     for split in ['train', 'val']:
         losses = torch.zeros(eval_iters)
@@ -356,18 +383,18 @@ def get_lr(it):
 
 
 def save_checkpoint():
-    """ write to a temporary file and rename it over ckpt.pt: a kill mid-write leaves the old one """
+    """ rank 0 writes to a temporary file and renames it over ckpt.pt: a kill mid-write leaves the old one """
     global saved_iter
-    checkpoint = {
-        'model': raw_model.state_dict(),
-        'optimizer': optimizer.state_dict(),
-        'scaler': scaler.state_dict(),
-        'model_args': model_args,
-        'iter_num': iter_num,
-        'best_val_loss': best_val_loss,
-        'train_s': train_s,
-        'config': config,
-    }
+    if fsdp:  # every process sends its shards; rank 0 receives the full state dicts, on the CPU
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state, optim_state = get_model_state_dict(raw_model, options=options), get_optimizer_state_dict(raw_model, optimizer, options=options)
+        if not master_process:
+            return
+        optim_state = rekey(optim_state, {name: i for i, name in enumerate(param_names)})
+    else:
+        model_state, optim_state = raw_model.state_dict(), optimizer.state_dict()
+    checkpoint = dict(model=model_state, optimizer=optim_state, scaler=scaler.state_dict(), model_args=model_args,
+                      iter_num=iter_num, best_val_loss=best_val_loss, train_s=train_s, config=config)
     print(f"saving checkpoint to {out_dir}")
     tmp_path = ckpt_path + '.tmp'
     torch.save(checkpoint, tmp_path)
@@ -437,18 +464,19 @@ while True:
 
     # evaluate the loss on train/val sets and write checkpoints; the step's time dt leaves this out.
     # eval_only evaluates at once, also a run resumed between evals, and never trains or saves
-    if (iter_num % eval_interval == 0 or eval_only) and master_process:
+    if (iter_num % eval_interval == 0 or eval_only) and (master_process or fsdp):
         if device_type == 'cuda':
             torch.cuda.synchronize()  # the last step's queued work belongs to its dt, not to the eval
         t_eval = time.time()
         losses = estimate_loss()
-        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         if not all(math.isfinite(v) for v in losses.values()):
             fail(f"eval loss is {losses} at iter {iter_num}; the last good checkpoint is kept. Last logged losses (iter, loss, aux, z): {recent_losses}")
-        log_file.write(json.dumps(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr, train_s=train_s)) + '\n')
-        log_file.flush()
-        if wandb_log:
-            wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr, "mfu": running_mfu * 100})
+        if master_process:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log_file.write(json.dumps(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr, train_s=train_s)) + '\n')
+            log_file.flush()
+            if wandb_log:
+                wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr, "mfu": running_mfu * 100})
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and not eval_only:
@@ -462,9 +490,12 @@ while True:
     step_load = 0  # (MoE layers, E) tokens per expert over this step's micro-batches, for the routing bias
     for micro_step in range(gradient_accumulation_steps):
         X, Y = get_batch('train', iter_num, ddp_rank * gradient_accumulation_steps + micro_step)
-        if ddp:
-            # in DDP training we only need to sync gradients at the last micro step.
-            model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
+        last_micro_step = micro_step == gradient_accumulation_steps - 1  # DDP and FSDP sync gradients there only
+        if fsdp:  # and FSDP keeps the weights gathered until then, and this process's unsharded float32 gradients
+            raw_model.set_requires_gradient_sync(last_micro_step)
+            raw_model.set_reshard_after_backward(last_micro_step)
+        elif ddp:
+            model.require_backward_grad_sync = last_micro_step
         with ctx:
             logits, loss = model(X, Y)
             loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
@@ -479,6 +510,9 @@ while True:
     # step the optimizer and scaler if training in fp16
     scaler.step(optimizer)
     scaler.update()
+    if local_iter_num == 0 and master_process:  # what FSDP divides by the number of processes
+        local = [t.to_local() if isinstance(t, DTensor) else t for p in raw_model.parameters() for t in (p, p.grad, *optimizer.state[p].values()) if t is not None]
+        print(f"weights, gradients and AdamW state: {sum(t.numel() * t.element_size() for t in local) / 2**20:.3f} MiB in this process")
     # flush the gradients as soon as we can, no need for this memory anymore
     optimizer.zero_grad(set_to_none=True)
     # aux-loss-free balancing (DeepSeek-V3): every process moves its routing biases by the loads
@@ -545,5 +579,13 @@ if master_process:
     if not eval_only:
         print(f"best val loss {best_val_loss:.4f}; {checkpoint_status()}")
 if ddp:
-    torch.distributed.barrier()  # together: a process that tears gloo down while the other still talks to it aborts
+    # gloo's threads can outlive the process group while DDP or FSDP still refer to it, and then abort the
+    # interpreter's teardown ("terminate called without an active exception"): with everything written,
+    # the processes meet, close the group and leave without that teardown
+    torch.distributed.barrier()
     destroy_process_group()
+    if wandb_log and master_process:
+        wandb.finish()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

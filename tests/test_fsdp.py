@@ -1,0 +1,81 @@
+"""
+train.py with fsdp=True (FSDP2): torchrun on 2 CPU processes (gloo), run as a user runs it.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_train import ROOT, SHAKESPEARE, TINY, MOE, workdir, train, logged  # noqa: F401 (workdir is a fixture)
+
+pytestmark = pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason="needs ../shared/data/tinyshakespeare")
+
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+AUX_FREE = ['--use_aux_free_bias=True', '--bias_update_speed=0.01']
+
+
+def state_mib(stdout):
+    """ the bytes of weights, gradients and AdamW state the master holds, as train.py prints them """
+    return float(re.search(r"weights, gradients and AdamW state: ([\d.]+) MiB", stdout).group(1))
+
+
+@pytest.mark.parametrize('moe', [False, True], ids=['dense', 'moe'])
+def test_fsdp_two_processes_match_one_process_on_half_the_memory(workdir, moe):
+    """ accumulation 2 per process (the first micro-step unsynced) = 1 process with 4, in weights,
+    AdamW state, the aux-free routing bias and eval loss; each process holds half the state """
+    args = [*TINY, *(MOE + AUX_FREE if moe else []), '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=3']
+    fsdp, single = workdir / f'out-fsdp-{moe}', workdir / f'out-fsdp-single-{moe}'
+    p = train(workdir, *args, '--fsdp=True', f'--out_dir={fsdp}', launcher=TORCHRUN)
+    assert p.stdout.count('saving checkpoint') == 1  # only rank 0 writes
+    q = train(workdir, *args, f'--out_dir={single}')
+    a, b = (torch.load(d / 'ckpt.pt', weights_only=False) for d in (fsdp, single))
+    assert set(a['model']) == set(b['model'])
+    for k in b['model']:
+        torch.testing.assert_close(a['model'][k], b['model'][k], atol=1e-6, rtol=1e-5, msg=k)
+    # the layout of optimizer.state_dict(): parameters by index, in the same groups
+    assert a['optimizer']['param_groups'] == b['optimizer']['param_groups']
+    for i, state in b['optimizer']['state'].items():
+        for name, value in state.items():
+            torch.testing.assert_close(a['optimizer']['state'][i][name], value, atol=1e-6, rtol=1e-5, msg=f'{i} {name}')
+    if moe:
+        assert a['model']['transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0
+    (_, val_a), (_, val_b) = logged(fsdp, 'val_loss')[-1], logged(single, 'val_loss')[-1]
+    assert abs(val_a - val_b) < 1e-5
+    # rank 0's shard: half of every tensor, rounded up a row where a first dimension is odd
+    assert 0.5 <= state_mib(p.stdout) / state_mib(q.stdout) < 0.52
+
+
+def test_fsdp_resume_is_exact_and_its_checkpoints_resume_on_one_process_and_sample(workdir):
+    # dropout and router noise on: every random draw must replay, on each process
+    args = [*TINY, *MOE, *AUX_FREE, '--use_noisy_top_k=True', '--dropout=0.1', '--gradient_accumulation_steps=4',
+            '--eval_interval=4']
+    straight, split = workdir / 'out-fsdp-straight', workdir / 'out-fsdp-split'
+    train(workdir, *args, '--fsdp=True', f'--out_dir={straight}', '--max_iters=8', launcher=TORCHRUN)
+    train(workdir, *args, '--fsdp=True', f'--out_dir={split}', '--max_iters=4', launcher=TORCHRUN)
+    train(workdir, *args, '--fsdp=True', f'--out_dir={split}', '--max_iters=8', '--init_from=resume', launcher=TORCHRUN)
+    reference = dict(logged(straight))
+    resumed = logged(split)[5:]  # iterations 4..8 of the resumed run
+    assert [i for i, _ in resumed] == list(range(4, 9))
+    for i, loss in resumed:
+        assert loss == reference[i], f"iter {i}: {loss} != {reference[i]}"  # bit for bit
+    final = [torch.load(d / 'ckpt.pt', weights_only=False) for d in (straight, split)]
+    for k, v in final[0]['model'].items():
+        assert torch.equal(v, final[1]['model'][k]), k
+    # the FSDP checkpoint resumes on one process, and that one's under FSDP again
+    train(workdir, *args, f'--out_dir={split}', '--max_iters=12', '--init_from=resume')
+    train(workdir, *args, '--fsdp=True', f'--out_dir={split}', '--max_iters=16', '--init_from=resume', launcher=TORCHRUN)
+    assert torch.load(split / 'ckpt.pt', weights_only=False)['iter_num'] == 16
+    assert [i for i, _ in logged(split, 'val_loss')] == [0, 4, 4, 8, 8, 12, 12, 16]  # a resume evaluates first
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--out_dir={split}', '--device=cpu',
+                        '--num_samples=1', '--max_new_tokens=40'], cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len(p.stdout.strip()) >= 40  # 40 characters of a char-level model, decoded with its meta.pkl
+
+
+def test_fsdp_without_torchrun_is_one_line(workdir):
+    p = train(workdir, *TINY, '--fsdp=True', f'--out_dir={workdir / "out-fsdp-alone"}', check=False)
+    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith('error: fsdp=True shards the model')
+    assert not (workdir / 'out-fsdp-alone').exists()
