@@ -356,3 +356,12 @@ def test_top1_router_learns_from_the_task_loss():
 ])
 def test_grouped_matmul_only_where_its_kernel_accepts_the_shapes(device, dtype, compiling, sizes, expected):
     assert model.use_grouped_mm(torch.device(device), dtype, compiling, sizes) is expected
+
+
+@pytest.mark.parametrize('major,dtype,expected', [(9, torch.bfloat16, True), (10, torch.bfloat16, True),
+                                                  (8, torch.bfloat16, False), (9, torch.float32, False)])
+def test_grouped_matmul_on_gpus_with_torch_cutlass_kernel(monkeypatch, major, dtype, expected):
+    # torch's bf16 grouped GEMM runs on sm90 and sm100 (Hopper, Blackwell); other GPUs loop over matmuls
+    from types import SimpleNamespace
+    monkeypatch.setattr(torch.cuda, 'get_device_properties', lambda device: SimpleNamespace(major=major, minor=0))
+    assert model.use_grouped_mm(torch.device('cuda'), dtype, False, (384, 1536)) is expected
