@@ -583,7 +583,7 @@ class GPT(nn.Module):
 # bf16 dense tensor-core peaks in FLOP/s from NVIDIA's datasheets (their headline figures, with 2:4 sparsity,
 # are twice these); the first name that occurs in the GPU's name wins
 GPU_PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200 NVL': 835e12, 'H200': 989e12,
-                  'A100': 312e12, 'RTX 4090': 165e12, 'RTX 3090': 71e12}
+                  'A100': 312e12}
 
 
 def gpu_peak_flops(device):

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict
@@ -113,9 +114,22 @@ config = {k: globals()[k] for k in config_keys}  # will be useful for logging
 # -----------------------------------------------------------------------------
 
 
+def leave(code):
+    """ Exit. Under torchrun, close the process group and skip the interpreter's teardown: gloo's threads can
+    outlive the group while DDP or FSDP still refer to it, and abort that teardown ("terminate called without
+    an active exception"). Everything is written by then: the log is line-buffered, checkpoints are renamed. """
+    if torch.distributed.is_initialized():
+        destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def fail(message):
     """ a user mistake: one line, non-zero exit, nothing written """
-    sys.exit(f"error: {message}")
+    print(f"error: {message}", file=sys.stderr)
+    leave(1)
 
 
 # validate what needs no data or devices, before any work
@@ -297,14 +311,16 @@ if (cfg.n_exp > 1 and min(cfg.train_capacity, cfg.eval_capacity) <= 0 and master
 peak_flops = gpu_peak_flops(device) if device_type == 'cuda' else 0.0  # 0: no MFU
 if fsdp:
     # FSDP2 as its docs recommend: every Block a unit, gathered for its forward and backward, then the
-    # root (embeddings, ln_f). Each process keeps its shard of the model it built, on its device. Weights
-    # compute in dtype, gradients reduce in float32, the residual stream stays as autocast keeps it.
+    # root (embeddings, ln_f). Each process keeps its shard of the model it built, on its device (the mesh:
+    # FSDP's default is the machine's accelerator, not --device). Weights compute in dtype, gradients
+    # reduce in float32; with bf16 weights the embeddings, and so the residual stream, are bf16 too.
+    mesh = init_device_mesh(device_type, (ddp_world_size,))
     mp_policy = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in model.transformer.h:
         if model.config.router_use_full_prec and hasattr(block.mlp, 'router'):
-            fully_shard(block.mlp.router)  # float32 weights: router_use_full_prec runs the router in float32
-        fully_shard(block, mp_policy=mp_policy)
-    fully_shard(model, mp_policy=mp_policy)
+            fully_shard(block.mlp.router, mesh=mesh)  # float32 weights: router_use_full_prec runs the router in float32
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
 else:
     model.to(device)
 
@@ -416,15 +432,21 @@ if master_process:
             json.dump(dict(config=config, model_args=model_args, torch=torch.__version__, python=sys.version.split()[0],
                            git_commit=git.stdout.strip() or None, world_size=ddp_world_size, device=device, dtype=dtype), f, indent=1)
     log_path = os.path.join(out_dir, 'log.jsonl')  # one JSON record per log line and eval
-    if init_from == 'resume' and not eval_only and os.path.exists(log_path):
-        # the records from the checkpoint's iteration on are of steps (and its eval) this run does again: drop
-        # them, atomically, so that the log reads as that of a run that never stopped
+    if not eval_only and os.path.exists(log_path):
+        # records from iter_num on are of steps (and an eval) this run does again, all of them for a new run:
+        # drop them, atomically, so that the log reads as that of one run that never stopped. A line cut
+        # short by a crash mid-write goes too.
+        def record_iter(line):
+            try:
+                return json.loads(line)['iter']
+            except ValueError:
+                return None
         with open(log_path) as f:
-            kept = [line for line in f if json.loads(line)['iter'] < iter_num]
+            kept = [line for line in f if (it := record_iter(line)) is not None and it < iter_num]
         with open(log_path + '.tmp', 'w') as f:
             f.writelines(kept)
         os.replace(log_path + '.tmp', log_path)
-    log_file = open(log_path, 'a')
+    log_file = open(log_path, 'a', buffering=1)  # line-buffered: every record is on disk when written
 
 # logging
 if wandb_log and master_process:
@@ -440,9 +462,9 @@ def checkpoint_status():
 def on_interrupt(signum, frame):
     """ Ctrl-C: one line on where the run can go on from, not a traceback """
     if master_process:
-        print(f"\ninterrupted at iter {iter_num}: {checkpoint_status()}; continue with --init_from=resume --out_dir={out_dir}",
-              flush=True)
-    sys.exit(130)
+        how = f"continue with --init_from=resume --out_dir={out_dir}" if saved_iter is not None else "start it again"
+        print(f"\ninterrupted at iter {iter_num}: {checkpoint_status()}; {how}", flush=True)
+    leave(130)
 
 
 signal.signal(signal.SIGINT, on_interrupt)
@@ -474,7 +496,6 @@ while True:
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             log_file.write(json.dumps(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr, train_s=train_s)) + '\n')
-            log_file.flush()
             if wandb_log:
                 wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr, "mfu": running_mfu * 100})
         if losses['val'] < best_val_loss or always_save_checkpoint:
@@ -578,14 +599,8 @@ if master_process:
     log_file.close()
     if not eval_only:
         print(f"best val loss {best_val_loss:.4f}; {checkpoint_status()}")
+if wandb_log and master_process:
+    wandb.finish()
 if ddp:
-    # gloo's threads can outlive the process group while DDP or FSDP still refer to it, and then abort the
-    # interpreter's teardown ("terminate called without an active exception"): with everything written,
-    # the processes meet, close the group and leave without that teardown
-    torch.distributed.barrier()
-    destroy_process_group()
-    if wandb_log and master_process:
-        wandb.finish()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    torch.distributed.barrier()  # the processes leave together
+leave(0)

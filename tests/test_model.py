@@ -310,8 +310,8 @@ def test_compiled_generate_compiles_three_graphs_whatever_the_length():
 
 
 @pytest.mark.parametrize('name,peak', [('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H100 PCIe', 756e12),
-                                       ('NVIDIA H200 NVL', 835e12), ('NVIDIA GeForce RTX 3090', 71e12),
-                                       ('NVIDIA A100-SXM4-80GB', 312e12), ('Tesla T4', 0.0)])
+                                       ('NVIDIA H200 NVL', 835e12), ('NVIDIA A100-SXM4-80GB', 312e12),
+                                       ('Tesla T4', 0.0), ('NVIDIA GeForce RTX 3090', 0.0)])
 def test_gpu_peak_flops_by_name_and_none_for_an_unknown_gpu(monkeypatch, name, peak):
     import model
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)

@@ -156,6 +156,8 @@ def test_resume_is_exact(workdir):
     straight, split = workdir / 'out-straight', workdir / 'out-split'
     train(workdir, *args, f'--out_dir={straight}', '--max_iters=16')
     train(workdir, *args, f'--out_dir={split}', '--max_iters=8')
+    with open(split / 'log.jsonl', 'a') as f:
+        f.write('{"iter": 9, "lo')  # a record cut short by a crash mid-write: resume drops it too
     # model keys on the command line are ignored on resume: the checkpoint's model is used
     p = train(workdir, *args, '--n_exp=1', f'--out_dir={split}', '--max_iters=16', '--init_from=resume')
     assert 'Resuming training from' in p.stdout
@@ -256,6 +258,15 @@ def test_eval_only_on_a_run_resumed_between_evals_evaluates_and_changes_nothing(
     assert 'step 40:' in p.stdout
     for name in ('ckpt.pt', 'run.json'):
         assert (evaluated / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_a_new_run_starts_its_own_log(workdir):
+    # an out_dir with no checkpoint but the log of a run stopped before its first one
+    out = workdir / 'out-restarted'
+    out.mkdir()
+    (out / 'log.jsonl').write_text('{"iter": 0, "loss": 4.2}\n{"iter": 1, "loss": 4.1}\n')
+    train(workdir, *TINY, f'--out_dir={out}', '--max_iters=2', '--eval_interval=2')
+    assert [i for i, _ in logged(out)] == [0, 1, 2]
 
 
 def test_ctrl_c_prints_one_line_on_how_to_resume(workdir):
