@@ -165,26 +165,21 @@ class MLPExperts(nn.Module):
         self.proj_bias = nn.Parameter(torch.empty(E, 1, C)) if config.bias else None
 
     def forward(self, x, offs=None):
-        """
-        offs None: x is (E, cap, C), expert e's tokens in x[e], padded with zeros -> batched matmul.
-        offs given: x is (offs[-1], C), expert e's tokens in rows offs[e-1]:offs[e] -> grouped
-        matmul, no padding.
-        """
+        """ offs None: x is (E, cap, C), expert e's tokens in x[e], padded with zeros -> batched matmul.
+        offs given: x is (offs[-1], C), expert e's tokens in rows offs[e-1]:offs[e] -> grouped matmul. """
         if offs is None:
             # baddbmm adds the bias inside the matmul, and autocasts it along with the weights
             h = torch.baddbmm(self.fc_bias, x, self.c_fc) if self.fc_bias is not None else torch.bmm(x, self.c_fc)
             h = F.gelu(h)  # (E, cap, H)
             return torch.baddbmm(self.proj_bias, h, self.c_proj) if self.proj_bias is not None else torch.bmm(h, self.c_proj)
-        # torch._grouped_mm: public as F.grouped_mm only in newer torch than some GPU images have.
-        # It does no autocast, so cast to the autocast dtype here.
+        # torch._grouped_mm does no autocast: cast to the autocast dtype here
         dtype = _compute_dtype(x)
-        h = torch._grouped_mm(x.to(dtype), self.c_fc.to(dtype), offs=offs)  # (R, H)
+        h = torch._grouped_mm(x.to(dtype), self.c_fc.to(dtype), offs=offs)  # (rows, H)
         if self.fc_bias is not None:
-            # expert of each row. index_select, not [], whose backward (index_put) is about 2x
-            # slower on CPU than index_select's (index_add).
+            # expert of each row; index_select, whose backward is an index_add, not an index_put
             row_expert = torch.searchsorted(offs, torch.arange(x.size(0), device=x.device, dtype=offs.dtype), right=True)
             h = h + self.fc_bias.squeeze(1).index_select(0, row_expert).to(dtype)
-        h = torch._grouped_mm(F.gelu(h), self.c_proj.to(dtype), offs=offs)  # (R, C)
+        h = torch._grouped_mm(F.gelu(h), self.c_proj.to(dtype), offs=offs)  # (rows, C)
         if self.proj_bias is not None:
             h = h + self.proj_bias.squeeze(1).index_select(0, row_expert).to(dtype)
         return h
@@ -363,8 +358,6 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.vocab_size is not None
-        assert config.block_size is not None
         self.config = config
 
         self.transformer = nn.ModuleDict(dict(
@@ -385,11 +378,8 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def get_num_params(self, non_embedding=True, active=False):
-        """
-        Number of parameters. non_embedding subtracts the position embeddings (the token
-        embeddings are tied to lm_head, so they count). active counts, in each MoE layer,
-        only the top_k of n_exp experts a token uses: the parameters that cost FLOPs.
-        """
+        """ Number of parameters. non_embedding leaves out the position embeddings (the token ones are lm_head's);
+        active counts only the top_k of n_exp experts of each MoE layer a token uses: those that cost FLOPs. """
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n_params -= self.transformer.wpe.weight.numel()
@@ -468,9 +458,8 @@ class GPT(nn.Module):
         print(f"loading weights from pretrained gpt: {model_type}")
         model_hf = GPT2LMHeadModel.from_pretrained(model_type)
         hf = model_hf.config
-        config = GPTConfig(n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, block_size=hf.n_positions,
-                           vocab_size=hf.vocab_size, bias=True, **override_args)
-        model = GPT(config)
+        model = GPT(GPTConfig(n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, block_size=hf.n_positions,
+                              vocab_size=hf.vocab_size, bias=True, **override_args))
         sd = model.state_dict()
         sd_hf = {k: v for k, v in model_hf.state_dict().items() if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
         assert set(sd_hf) == set(sd), f"mismatched keys: {sorted(set(sd_hf) ^ set(sd))}"
@@ -512,24 +501,16 @@ class GPT(nn.Module):
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # weight decay on matmul weights and embeddings (2D and the stacked 3D expert weights);
         # none on biases (the expert biases are 3D too) and LayerNorm gains
-        params = [p for p in self.parameters() if p.requires_grad]
-        names = {id(p): n for n, p in self.named_parameters()}
-        decay_params = [p for p in params if p.dim() >= 2 and not names[id(p)].endswith('bias')]
-        nodecay_params = [p for p in params if not (p.dim() >= 2 and not names[id(p)].endswith('bias'))]
-        optim_groups = [
-            {'params': decay_params, 'weight_decay': weight_decay},
-            {'params': nodecay_params, 'weight_decay': 0.0}
-        ]
-        num_decay_params = sum(p.numel() for p in decay_params)
-        num_nodecay_params = sum(p.numel() for p in nodecay_params)
-        print(f"num decayed parameter tensors: {len(decay_params)}, with {num_decay_params:,} parameters")
-        print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {num_nodecay_params:,} parameters")
-        # Create AdamW optimizer and use the fused version if it is available. On CPU too: there the
-        # unfused AdamW is a loop of small ops per tensor, and MoE models have many parameters.
-        fused_available = 'fused' in inspect.signature(torch.optim.AdamW).parameters
-        use_fused = fused_available and device_type in ('cuda', 'cpu')
-        extra_args = dict(fused=True) if use_fused else dict()
-        optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        decay_params = [p for n, p in named if p.dim() >= 2 and not n.endswith('bias')]
+        nodecay_params = [p for n, p in named if not (p.dim() >= 2 and not n.endswith('bias'))]
+        optim_groups = [{'params': decay_params, 'weight_decay': weight_decay}, {'params': nodecay_params, 'weight_decay': 0.0}]
+        for kind, group in (('decayed', decay_params), ('non-decayed', nodecay_params)):
+            print(f"num {kind} parameter tensors: {len(group)}, with {sum(p.numel() for p in group):,} parameters")
+        # fused AdamW where available, on CPU too: unfused it is a loop of small ops per tensor, and MoE
+        # models have many parameters
+        use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'cpu')
+        optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **(dict(fused=True) if use_fused else {}))
         print(f"using fused AdamW: {use_fused}")
         return optimizer
 
@@ -537,24 +518,17 @@ class GPT(nn.Module):
         """ model flops utilization (MFU), counting the active parameters only (a token runs
         top_k of n_exp experts), over peak_flops (gpu_peak_flops) """
         # see PaLM paper Appendix B as ref: https://arxiv.org/abs/2204.02311
-        N = self.get_num_params(active=True)
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        flops_per_token = 6 * N + 12 * L * H * Q * T
-        flops_per_iter = flops_per_token * T * fwdbwd_per_iter
-        flops_achieved = flops_per_iter * (1.0 / dt)  # per second
-        return flops_achieved / peak_flops
+        flops_per_token = 6 * self.get_num_params(active=True) + 12 * L * H * Q * T
+        return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """
-        Take a conditioning sequence of indices idx (LongTensor of shape (b,t)) and complete
-        the sequence max_new_tokens times, feeding the predictions back into the model each time.
-        Most likely you'll want to make sure to be in model.eval() mode of operation for this.
+        """ Complete idx (LongTensor (b,t)) by max_new_tokens tokens, each fed back in; use model.eval().
         The prompt's forward fills a key/value cache per block, later ones run the newest token alone.
         MoE layers route dropless, as model(idx) does with eval_capacity <= 0: a token's experts never
-        depend on other tokens, so cached tokens stay valid (README, Sampling).
-        """
+        depend on other tokens, so cached tokens stay valid (README, Sampling). """
         L, hs = self.config.block_size, self.config.n_embd // self.config.n_head
         shape = (idx.size(0), self.config.n_head, min(L, idx.size(1) + max_new_tokens), hs)  # (B, nh, S, hs)
         # zeros, not empty: slots not yet written get attention weight 0, and 0 * nan is nan

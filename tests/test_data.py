@@ -67,8 +67,8 @@ def test_shakespeare_bpe_matches_tiktoken_and_nanogpt_counts(tmp_path):
 # documents that GPT-2 BPE must keep apart from each other and from the end-of-text token
 DOCS = [f"Document {i}: the quick brown fox.\r\n\nIt's {i * 7} lines <|endoftext|> long, café ✓." for i in range(6)] + ['']
 
-# prepare.py with datasets' load_dataset replaced by a stand-in that checks it was asked for the
-# hub's OpenWebText parquet files and loads a local parquet file instead
+# runs prepare.py with a stand-in for datasets' load_dataset: it checks that the hub's OpenWebText
+# parquet files are asked for, and loads a local parquet file
 HUB_STAND_IN = """
 import runpy, sys
 import datasets
