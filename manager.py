@@ -39,5 +39,18 @@ class MOEManager:
     def add_routing_stats(self, layer_idx, tokens_per_expert, dropped_frac):
         self.routing[layer_idx] = (tokens_per_expert, dropped_frac)
 
+    def log_record(self):
+        """ train.py's log of the last forward: aux and z-loss and dropped share (means over the MoE layers), the
+        largest expert share of any layer, and every expert's share of its layer's assignments. {} when dense """
+        if not self.routing:
+            return {}
+        n_moe = len(self.routing)
+        routing = {str(layer): ((tokens / tokens.sum()).tolist(), dropped.item())
+                   for layer, (tokens, dropped) in self.routing.items()}
+        return dict(aux=self.aggregate_aux_loss().item() / n_moe if self.aux_loss else 0.0,
+                    z=self.aggregate_router_z_loss().item() / n_moe if self.router_z_loss else 0.0,
+                    drop=sum(dropped for _, dropped in routing.values()) / n_moe,
+                    top_share=max(max(shares) for shares, _ in routing.values()), routing=routing)
+
 
 MANAGER = MOEManager()

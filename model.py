@@ -9,9 +9,10 @@ References:
 4) Switch Transformer, Fedus et al. 2021: https://arxiv.org/abs/2101.03961
 5) ST-MoE, Zoph et al. 2022: https://arxiv.org/abs/2202.08906
 
-Shapes in the MoE code: N tokens in the forward call (B*T), C model dim, H expert hidden dim,
-E experts, k experts per token, cap slots per expert. An "assignment" is one (token, choice)
-pair; there are k*N of them, numbered a = j*N + t (choice j of token t).
+Shapes in the MoE code: B batch, T sequence length, N tokens in the forward call (B*T), C model dim,
+H expert hidden dim, E experts, k experts per token, cap slots per expert, R rows of the experts' input
+(k*N in the grouped layout, E*cap in the padded one; see use_grouped_mm). An assignment is one
+(token, choice) pair; there are k*N of them, numbered a = j*N + t (choice j of token t).
 """
 
 import math
@@ -23,18 +24,6 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from manager import MANAGER
-
-
-class LayerNorm(nn.Module):
-    """ LayerNorm but with an optional bias. PyTorch doesn't support simply bias=False """
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, input):
-        return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
 class CausalSelfAttention(nn.Module):
@@ -56,12 +45,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         mask = None
-        if kv_cache is not None:  # generate: cache this call's keys and values at positions pos (T,), attend to those up to each
+        if kv_cache is not None:  # generate: cache this call's keys and values at positions pos (T,), attend up to each
             kv_cache[0][:, :, pos], kv_cache[1][:, :, pos] = k, v  # index_put_, which torch.compile does in place
             k, v = kv_cache  # (B, nh, S, hs)
             mask = pos.unsqueeze(1) >= torch.arange(k.size(2), device=x.device)  # (T, S)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0,
-                                           is_causal=mask is None)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -83,7 +72,8 @@ class MLP(nn.Module):
 # Mixture of Experts
 
 class Router(nn.Module):
-    """ Picks k experts per token and their gate weights; records the load-balancing losses. """
+    """ Picks k experts per token and their gates; records the load-balancing losses and, for the
+    aux-loss-free bias, the tokens each expert gets over a training step. """
 
     def __init__(self, config):
         super().__init__()
@@ -95,14 +85,16 @@ class Router(nn.Module):
         self.w_g = nn.Linear(config.n_embd, config.n_exp, bias=False)
         # noisy top-k gating, Shazeer et al. 2017 eq. (4): learned per-expert noise scale
         self.w_noise = nn.Linear(config.n_embd, config.n_exp, bias=False) if config.use_noisy_top_k else None
-        # aux-loss-free load balancing, DeepSeek-V3 §2.1.2 (https://arxiv.org/abs/2412.19437): a
-        # per-expert bias on the logits for the top-k choice only, moved toward balance after
-        # each optimizer step (update_bias), never by gradients; a buffer, so it is checkpointed
+        # aux-loss-free load balancing, DeepSeek-V3 §2.1.2 (https://arxiv.org/abs/2412.19437): a per-expert
+        # bias on the logits for the top-k choice only, moved toward balance after each optimizer step
+        # (update_bias), never by gradients. A buffer, so it is checkpointed; step_load, the step's tokens
+        # per expert over all its micro-batches, is not: update_bias empties it
         self.bias_update_speed = config.bias_update_speed
         if config.use_aux_free_bias:
             self.register_buffer('expert_bias', torch.zeros(config.n_exp))
+            self.register_buffer('step_load', torch.zeros(config.n_exp, dtype=torch.long), persistent=False)
         else:
-            self.expert_bias = None
+            self.expert_bias = self.step_load = None
 
     def forward(self, x):  # x: (N, C) -> gates (N, k), experts (N, k), tokens per expert (E,)
         if self.router_use_full_prec:
@@ -124,15 +116,17 @@ class Router(nn.Module):
         else:  # the bias picks the experts; the gates come from the unbiased logits
             topk_idx = (logits + self.expert_bias).topk(self.top_k, dim=-1).indices  # (N, k)
             topk_logits = logits.gather(-1, topk_idx)
-        if self.top_k == 1:  # Switch eq. (2): p_i(x), so the task loss trains the router (a softmax over one logit is 1)
+        if self.top_k == 1:  # Switch eq. (2): p_i(x), so the task loss trains the router (a softmax of one logit is 1)
             gates = probs.gather(-1, topk_idx)  # (N, 1)
         else:
             # softmax over the chosen k only, Shazeer et al. 2017 eq. (3)-(5): the gates sum to 1
             gates = F.softmax(topk_logits, dim=-1, dtype=torch.float32)  # (N, k)
-        # assignments per expert, before any dropping: the aux loss's f and the layer's dispatch
+        # assignments per expert, before any dropping: the aux loss's f, the dispatch and the bias's load
         chosen = topk_idx.view(-1)  # (N*k,)
         tokens_per_expert = torch.zeros(self.n_exp, dtype=torch.long, device=x.device)
         tokens_per_expert.scatter_add_(0, chosen, torch.ones_like(chosen))  # (E,)
+        if self.step_load is not None and self.training:
+            self.step_load += tokens_per_expert
         if self.use_aux_loss:
             # Switch eq. (4)-(6) for top-k: E * sum_e f_e * P_e, f_e the share of the k*N
             # assignments that chose e (before any dropping), P_e the mean full softmax prob.
@@ -146,15 +140,19 @@ class Router(nn.Module):
         return gates, topk_idx, tokens_per_expert
 
     @torch.no_grad()
-    def update_bias(self, tokens_per_expert):
-        """ DeepSeek-V3 §2.1.2: b_e += gamma * sign(mean load - load_e), with the loads of one
-        optimizer step (all micro-batches, all processes) """
-        load = tokens_per_expert.float()
+    def update_bias(self):
+        """ DeepSeek-V3 §2.1.2: b_e += gamma * sign(mean load - load_e), the load of one optimizer step,
+        summed over all processes when distributed (so every process keeps the same bias); then the next
+        step's count starts """
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.step_load)
+        load = self.step_load.float()
         self.expert_bias += self.bias_update_speed * torch.sign(load.mean() - load)
+        self.step_load.zero_()
 
 
 class MLPExperts(nn.Module):
-    """ E independent GELU MLPs, stored stacked so all experts run as one grouped matmul. """
+    """ E independent GELU MLPs, their weights stacked so that all experts run in one matmul call. """
 
     def __init__(self, config):
         super().__init__()
@@ -165,21 +163,25 @@ class MLPExperts(nn.Module):
         self.proj_bias = nn.Parameter(torch.empty(E, 1, C)) if config.bias else None
 
     def forward(self, x, offs=None):
-        """ offs None: x is (E, cap, C), expert e's tokens in x[e], padded with zeros -> batched matmul.
-        offs given: x is (offs[-1], C), expert e's tokens in rows offs[e-1]:offs[e] -> grouped matmul. """
+        """ x (R, C): each expert's rows together, expert after expert, in the layout MOELayer picked.
+        offs given: expert e's rows end at offs[e] -> grouped matmul. offs None: R = E*cap, cap rows each
+        -> batched matmul. """
         if offs is None:
+            x = x.view(self.c_fc.size(0), -1, x.size(-1))  # (E, cap, C)
             # baddbmm adds the bias inside the matmul, and autocasts it along with the weights
-            h = torch.baddbmm(self.fc_bias, x, self.c_fc) if self.fc_bias is not None else torch.bmm(x, self.c_fc)
+            h = torch.bmm(x, self.c_fc) if self.fc_bias is None else torch.baddbmm(self.fc_bias, x, self.c_fc)
             h = F.gelu(h)  # (E, cap, H)
-            return torch.baddbmm(self.proj_bias, h, self.c_proj) if self.proj_bias is not None else torch.bmm(h, self.c_proj)
+            h = torch.bmm(h, self.c_proj) if self.proj_bias is None else torch.baddbmm(self.proj_bias, h, self.c_proj)
+            return h.view(-1, h.size(-1))  # (R, C)
         # torch._grouped_mm does no autocast: cast to the autocast dtype here
         dtype = _compute_dtype(x)
-        h = torch._grouped_mm(x.to(dtype), self.c_fc.to(dtype), offs=offs)  # (rows, H)
+        h = torch._grouped_mm(x.to(dtype), self.c_fc.to(dtype), offs=offs)  # (R, H)
         if self.fc_bias is not None:
             # expert of each row; index_select, whose backward is an index_add, not an index_put
-            row_expert = torch.searchsorted(offs, torch.arange(x.size(0), device=x.device, dtype=offs.dtype), right=True)
+            row = torch.arange(x.size(0), device=x.device, dtype=offs.dtype)
+            row_expert = torch.searchsorted(offs, row, right=True)
             h = h + self.fc_bias.squeeze(1).index_select(0, row_expert).to(dtype)
-        h = torch._grouped_mm(F.gelu(h), self.c_proj.to(dtype), offs=offs)  # (rows, C)
+        h = torch._grouped_mm(F.gelu(h), self.c_proj.to(dtype), offs=offs)  # (R, C)
         if self.proj_bias is not None:
             h = h + self.proj_bias.squeeze(1).index_select(0, row_expert).to(dtype)
         return h
@@ -191,11 +193,10 @@ def _compute_dtype(x):
 
 
 def use_grouped_mm(device, dtype, compiling, sizes):
-    """ Whether the experts run as one grouped matmul over the k*N assignments (torch._grouped_mm), or as
-    a batched matmul over E*cap padded slots. Grouped where torch has a kernel for it: CPU eager, and bf16
-    on sm90 and sm100 GPUs (Hopper, Blackwell: torch's CUTLASS path; other GPUs get a loop of matmuls,
-    and tracing accepts bf16 only). Its operands' rows must be multiples of 16 bytes: `sizes` are the
-    row lengths, C and H. """
+    """ The experts' layout: one grouped matmul over the k*N assignments (torch._grouped_mm), or a batched
+    matmul over E*cap padded slots. Grouped where torch has a kernel for it: CPU eager, and bf16 on sm90 and
+    sm100 GPUs (Hopper, Blackwell: torch's CUTLASS path; other GPUs get a loop of matmuls, and tracing
+    accepts bf16 only). Its operands' rows must be multiples of 16 bytes: `sizes` are the row lengths, C and H. """
     if any(size * dtype.itemsize % 16 for size in sizes):
         return False
     if device.type == 'cuda':
@@ -205,7 +206,8 @@ def use_grouped_mm(device, dtype, compiling, sizes):
 
 
 class MOELayer(nn.Module):
-    """ Top-k routed experts with a capacity limit, dispatched by sorting, never by one-hot masks. """
+    """ Top-k routed experts with a capacity limit: routing -> dispatch -> experts -> combine. The dispatch
+    sorts the assignments by expert and gathers their tokens, never builds one-hot masks. """
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -229,7 +231,7 @@ class MOELayer(nn.Module):
         cf = self.train_capacity if self.training else self.eval_capacity
         if cf <= 0:
             return N
-        # + 1e-6: cf = 0.7 is a little under 0.7 in binary, and floor(2 * 0.7 * 90 / 2) would be 62, not 63
+        # + 1e-6: a factor such as 0.7 is stored a hair below its decimal value, which must not cost a slot
         cap = math.floor(self.top_k * cf * N / self.n_exp + 1e-6)
         cap += cap % 2
         return min(max(cap, self.min_capacity), N)
@@ -238,48 +240,48 @@ class MOELayer(nn.Module):
         B, T, C = x.size()
         N, E, k = B * T, self.n_exp, self.top_k
         x = x.view(N, C)
+
+        # routing
         gates, topk_idx, tokens_per_expert = self.router(x)  # (N, k), (N, k), (E,)
         cap = N if dropless else self.capacity(N)
         kept_per_expert = tokens_per_expert.clamp(max=cap)  # (E,)
 
-        # Numbering assignments a = j*N + t and stably sorting them by expert lists each expert's
-        # assignments with all first choices, in token order, before any second choice: the fill
-        # order of its slots. Its first cap are kept, the rest dropped (Switch §2.2).
-        expert_of = topk_idx.t().reshape(-1)  # (k*N,) expert of assignment a
-        sorted_expert, order = torch.sort(expert_of, stable=True)  # (k*N,) assignments grouped by expert
-        end_in_order = torch.cumsum(tokens_per_expert, 0)  # (E,) where e ends in order
-        first_in_order = end_in_order - tokens_per_expert  # (E,) where e starts in order
-
-        # Each row of the experts' input pulls one assignment's token, so nothing is scattered.
-        # A row that holds no kept assignment (a dropped one, or a padding slot) gets a zero
-        # input and gate 0: it adds nothing to any output or gradient, and an expert that would
-        # overflow on some token (float16) reaches no token it did not keep.
-        if use_grouped_mm(x.device, _compute_dtype(x), torch.compiler.is_compiling(), (C, self.experts.c_fc.size(-1))):
-            # the assignments in sorted order, packed by expert for the grouped matmul. A dropped
-            # one keeps its row: its expert runs one row more (dropping is rare at a sane
-            # capacity), and no gathers are spent packing the kept ones tighter.
-            rows, offs = k * N, end_in_order.to(torch.int32)
-            filled = torch.arange(rows, device=x.device) - first_in_order[sorted_expert] < cap  # (rows,)
-            assignment = order
+        # dispatch. Numbering assignments a = j*N + t and stably sorting them by expert lists each expert's
+        # assignments with all first choices, in token order, before any second choice: the order its slots
+        # fill in. Its first cap are kept, the rest dropped (Switch §2.2).
+        sorted_expert, sorted_assignment = torch.sort(topk_idx.t().reshape(-1), stable=True)  # (k*N,), (k*N,)
+        expert_end = torch.cumsum(tokens_per_expert, 0)  # (E,) where expert e's assignments end in sorted_assignment
+        expert_start = expert_end - tokens_per_expert  # (E,) and where they start
+        # Each row of the experts' input holds one assignment's token, gathered, so nothing is scattered.
+        # A row without a kept assignment (a dropped one, or a padding slot) gets a zero input and gate 0:
+        # it adds nothing to any output or gradient, and an expert that would overflow on some token
+        # (float16) reaches no token it did not keep.
+        H = self.experts.c_fc.size(-1)
+        if use_grouped_mm(x.device, _compute_dtype(x), torch.compiler.is_compiling(), (C, H)):
+            # R = k*N rows in sorted order, expert e's ending at offs[e]. A dropped assignment keeps its
+            # row: its expert runs one row more, and no gather is spent packing the kept ones tighter
+            offs = expert_end.to(torch.int32)
+            row_assignment = sorted_assignment  # (R,)
+            row_kept = torch.arange(k * N, device=x.device) - expert_start[sorted_expert] < cap  # (R,)
         else:
-            # cap slots per expert, padded for the batched matmul: slot s of expert e holds the
-            # s-th assignment of e in sorted order, if e has more than s kept
-            rows, offs = E * cap, None
-            row = torch.arange(rows, device=x.device)
+            # R = E*cap rows, cap slots per expert: slot s of expert e holds e's s-th assignment, if e kept
+            # more than s
+            offs = None
+            row = torch.arange(E * cap, device=x.device)
             row_expert, slot = row // cap, row % cap
-            filled = slot < kept_per_expert[row_expert]  # (rows,)
-            assignment = order[(first_in_order[row_expert] + slot).clamp(max=k * N - 1)]
-        token = assignment % N  # (rows,)
+            row_kept = slot < kept_per_expert[row_expert]  # (R,)
+            row_assignment = sorted_assignment[(expert_start[row_expert] + slot).clamp(max=k * N - 1)]  # (R,)
+        row_token = row_assignment % N  # (R,)
+        # a gather, whose backward is an index_add, not a scatter of tokens into a buffer
+        x_in = torch.where(row_kept.unsqueeze(1), x.index_select(0, row_token), 0)  # (R, C)
 
-        # dispatch: a gather (its backward an index_add), not a scatter of tokens into a buffer
-        x_in = torch.where(filled.unsqueeze(1), x.index_select(0, token), 0)  # (rows, C)
-        if offs is None:
-            x_in = x_in.view(E, cap, C)
-        out = self.experts(x_in, offs).reshape(rows, C)
+        # experts
+        out = self.experts(x_in, offs)  # (R, C)
+
         # combine: y_t = sum over t's kept assignments of gate * expert output. index_add adds the
         # k outputs of a token onto zero: for k = 2 the same sum in any order, on any device.
-        gate = torch.where(filled, gates.t().reshape(-1).index_select(0, assignment), 0).to(out.dtype)  # (rows,)
-        y = out.new_zeros(N, C).index_add(0, token, out * gate.unsqueeze(1))  # (N, C)
+        row_gate = torch.where(row_kept, gates.t().reshape(-1).index_select(0, row_assignment), 0)  # (R,)
+        y = out.new_zeros(N, C).index_add(0, row_token, out * row_gate.to(out.dtype).unsqueeze(1))  # (N, C)
 
         MANAGER.add_routing_stats(self.layer_idx, tokens_per_expert.detach(),
                                   1.0 - kept_per_expert.sum().detach() / (k * N))
@@ -295,16 +297,17 @@ class Block(nn.Module):
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         use_moe = config.n_exp > 1 and layer_idx % config.stride == 0
         self.mlp = MOELayer(config, layer_idx) if use_moe else MLP(config)
 
     def forward(self, x, kv_cache=None, pos=None):
         x = x + self.attn(self.ln_1(x), kv_cache, pos)
-        moe_args = dict(dropless=True) if kv_cache is not None and isinstance(self.mlp, MOELayer) else {}  # GPT.generate
-        return x + self.mlp(self.ln_2(x), **moe_args)
+        if kv_cache is not None and isinstance(self.mlp, MOELayer):  # GPT.generate: see there
+            return x + self.mlp(self.ln_2(x), dropless=True)
+        return x + self.mlp(self.ln_2(x))
 
 
 @dataclass
@@ -332,7 +335,7 @@ class GPTConfig:
     switch_tfm_init_scale: float = 1.0  # Switch's s; they recommend 0.1
     router_use_full_prec: bool = False  # router in float32 under autocast
     # beyond the earlier nanoMoE
-    expert_hidden: int = 0  # hidden size of each expert; 0: 4 * n_embd. Smaller + more experts = fine-grained (DeepSeek-MoE)
+    expert_hidden: int = 0  # each expert's hidden size; 0: 4 * n_embd. Smaller, more experts: fine-grained (DeepSeek-MoE)
     n_shared_exp: int = 0  # experts every token uses besides its top_k (DeepSeek-MoE)
     use_aux_free_bias: bool = False  # aux-loss-free balancing by a routing bias (DeepSeek-V3)
     bias_update_speed: float = 0.001  # DeepSeek-V3's gamma: bias step per optimizer step
@@ -342,7 +345,8 @@ class GPTConfig:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: pick n_embd a multiple of n_head")
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                             "pick n_embd a multiple of n_head")
         if self.n_exp < 1:
             raise ValueError(f"n_exp={self.n_exp} must be >= 1 (1 = dense GPT)")
         if self.n_exp > 1:
@@ -351,7 +355,7 @@ class GPTConfig:
             if self.stride < 1:
                 raise ValueError(f"stride={self.stride} must be >= 1 (1 = every block is MoE)")
             if self.expert_hidden < 0 or self.n_shared_exp < 0:
-                raise ValueError(f"expert_hidden={self.expert_hidden} and n_shared_exp={self.n_shared_exp} must be >= 0")
+                raise ValueError(f"expert_hidden={self.expert_hidden}, n_shared_exp={self.n_shared_exp} must be >= 0")
 
 
 class GPT(nn.Module):
@@ -365,7 +369,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # https://paperswithcode.com/method/weight-tying
@@ -386,7 +390,8 @@ class GPT(nn.Module):
         if active:
             for m in self.modules():
                 if isinstance(m, MLPExperts):
-                    n_params -= sum(p.numel() for p in m.parameters()) * (m.c_fc.size(0) - self.config.top_k) // m.c_fc.size(0)
+                    E = m.c_fc.size(0)
+                    n_params -= sum(p.numel() for p in m.parameters()) * (E - self.config.top_k) // E
         return n_params
 
     def _init_weights(self, module):
@@ -414,7 +419,7 @@ class GPT(nn.Module):
         MANAGER.reset()  # nothing from an earlier step or mode may leak into this one
         device = idx.device
         b, t = idx.size()
-        assert t <= self.config.block_size, f"Cannot forward sequence of length {t}, block size is only {self.config.block_size}"
+        assert t <= self.config.block_size, f"Cannot forward sequence of length {t}, block size is {self.config.block_size}"
         pos = torch.arange(0, t, dtype=torch.long, device=device) if pos is None else pos  # shape (t)
 
         tok_emb = self.transformer.wte(idx)  # token embeddings of shape (b, t, n_embd)
@@ -451,12 +456,18 @@ class GPT(nn.Module):
     def from_pretrained(cls, model_type, override_args=None):
         """ GPT-2 weights from Hugging Face: a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl)
         or a local directory written by GPT2LMHeadModel.save_pretrained. override_args may set
-        dropout and, with n_exp > 1, the MoE keys: the dense GPT-2 is then upcycled. """
+        dropout and, with n_exp > 1, the MoE keys: the dense GPT-2 is then upcycled. ValueError: weights that do
+        not load, or MoE keys upcycling cannot take. """
         override_args = dict(override_args or {})
         moe_args = {k: override_args.pop(k) for k in list(override_args) if k != 'dropout'}
         from transformers import GPT2LMHeadModel
         print(f"loading weights from pretrained gpt: {model_type}")
-        model_hf = GPT2LMHeadModel.from_pretrained(model_type)
+        try:
+            model_hf = GPT2LMHeadModel.from_pretrained(model_type)
+        except OSError as e:  # transformers' error for no network, an unknown name or a directory without the files
+            reason = str(e).splitlines()[0].rstrip('.')
+            raise ValueError(f"cannot load GPT-2 weights '{model_type}' ({reason}): give --init_from a directory written "
+                             "by GPT2LMHeadModel.save_pretrained, or connect to the Hugging Face hub")
         hf = model_hf.config
         model = GPT(GPTConfig(n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, block_size=hf.n_positions,
                               vocab_size=hf.vocab_size, bias=True, **override_args))
@@ -482,7 +493,8 @@ class GPT(nn.Module):
         starts as its MLP's scaled by the gate p_i(x) < 1 (Switch eq. 2). """
         config = GPTConfig(**{**asdict(self.config), **moe_args})
         if config.expert_hidden not in (0, 4 * config.n_embd) or config.n_shared_exp:
-            raise ValueError("upcycling copies the dense MLP into each expert: leave expert_hidden=0 and n_shared_exp=0")
+            raise ValueError("upcycling copies the dense MLP into each expert: "
+                             "leave expert_hidden=0 and n_shared_exp=0")
         moe = GPT(config).to(self.lm_head.weight.device)
         dense = self.state_dict()
         for k, v in moe.state_dict().items():
@@ -498,19 +510,26 @@ class GPT(nn.Module):
                     experts.proj_bias.copy_(mlp.c_proj.bias.expand_as(experts.proj_bias))
         return moe
 
+    def update_routing_bias(self):
+        """ the aux-loss-free bias of every router moves by its optimizer step's load: call after each step """
+        for m in self.modules():
+            if isinstance(m, Router) and m.expert_bias is not None:
+                m.update_bias()
+
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # weight decay on matmul weights and embeddings (2D and the stacked 3D expert weights);
         # none on biases (the expert biases are 3D too) and LayerNorm gains
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         decay_params = [p for n, p in named if p.dim() >= 2 and not n.endswith('bias')]
         nodecay_params = [p for n, p in named if not (p.dim() >= 2 and not n.endswith('bias'))]
-        optim_groups = [{'params': decay_params, 'weight_decay': weight_decay}, {'params': nodecay_params, 'weight_decay': 0.0}]
+        optim_groups = [{'params': decay_params, 'weight_decay': weight_decay},
+                        {'params': nodecay_params, 'weight_decay': 0.0}]
         for kind, group in (('decayed', decay_params), ('non-decayed', nodecay_params)):
             print(f"num {kind} parameter tensors: {len(group)}, with {sum(p.numel() for p in group):,} parameters")
         # fused AdamW where available, on CPU too: unfused it is a loop of small ops per tensor, and MoE
         # models have many parameters
         use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'cpu')
-        optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **(dict(fused=True) if use_fused else {}))
+        optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **({'fused': True} if use_fused else {}))
         print(f"using fused AdamW: {use_fused}")
         return optimizer
 

@@ -64,9 +64,8 @@ if init_from == 'resume':
 elif init_from.startswith('gpt2') or os.path.isdir(init_from):
     try:
         model = GPT.from_pretrained(init_from, dict(dropout=0.0))
-    except OSError as e:  # transformers' error for no network, an unknown name or a directory without the files
-        sys.exit(f"error: cannot load GPT-2 weights '{init_from}' ({str(e).splitlines()[0].rstrip('.')}): give "
-                 "--init_from a directory written by GPT2LMHeadModel.save_pretrained, or connect to the Hugging Face hub")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 else:
     sys.exit(f"error: init_from='{init_from}' is neither 'resume' nor a GPT-2 model: use 'resume', 'gpt2', "
              "'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a save_pretrained directory")

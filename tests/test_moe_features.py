@@ -71,10 +71,30 @@ def moe_layer(**kw):
 
 def test_bias_update_moves_toward_balance():
     layer = moe_layer(use_aux_free_bias=True, bias_update_speed=0.01)
-    layer.router.update_bias(torch.tensor([10, 2, 2, 2]))
+    layer.router.step_load.copy_(torch.tensor([10, 2, 2, 2]))
+    layer.router.update_bias()
     torch.testing.assert_close(layer.router.expert_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
-    layer.router.update_bias(torch.tensor([4, 4, 4, 4]))  # balanced: no change
+    layer.router.step_load.copy_(torch.tensor([4, 4, 4, 4]))  # balanced: no change
+    layer.router.update_bias()
     torch.testing.assert_close(layer.router.expert_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
+
+
+def test_router_counts_the_load_of_training_forwards_until_the_bias_update():
+    """ DeepSeek-V3's load is that of one optimizer step: every micro-batch's training forward, no eval """
+    layer = moe_layer(use_aux_free_bias=True)
+    x1, x2 = torch.randn(2, 8, 32), torch.randn(3, 8, 32)
+    expected = 0
+    for x in (x1, x2):
+        with torch.no_grad():
+            layer(x)
+        expected = expected + MANAGER.routing[0][0]
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 8, 32))
+    assert torch.equal(layer.router.step_load, expected) and expected.sum() == 2 * (16 + 24)
+    layer.router.update_bias()
+    assert layer.router.step_load.sum() == 0  # the next step counts from zero
+    assert 'router.step_load' not in layer.state_dict()  # the checkpoint holds the bias only
 
 
 def test_bias_balances_a_skewed_router():
@@ -89,7 +109,7 @@ def test_bias_balances_a_skewed_router():
             layer(x)
         tokens, _ = MANAGER.routing[0]
         shares.append(tokens.max().item() / tokens.sum().item())
-        layer.router.update_bias(tokens)
+        layer.router.update_bias()
     assert shares[0] > 0.45 and shares[-1] < 0.3  # at most 0.5 with top-2; balanced is 0.25
     assert layer.router.expert_bias[0] < 0 and layer.router.expert_bias[0] == layer.router.expert_bias.min()
 
