@@ -72,8 +72,7 @@ class MLP(nn.Module):
 # Mixture of Experts
 
 class Router(nn.Module):
-    """ Picks k experts per token and their gates; records the load-balancing losses and, for the
-    aux-loss-free bias, the tokens each expert gets over a training step. """
+    """ Picks k experts per token and their gates; records the balancing losses and the step's load per expert """
 
     def __init__(self, config):
         super().__init__()
@@ -163,9 +162,8 @@ class MLPExperts(nn.Module):
         self.proj_bias = nn.Parameter(torch.empty(E, 1, C)) if config.bias else None
 
     def forward(self, x, offs=None):
-        """ x (R, C): each expert's rows together, expert after expert, in the layout MOELayer picked.
-        offs given: expert e's rows end at offs[e] -> grouped matmul. offs None: R = E*cap, cap rows each
-        -> batched matmul. """
+        """ x (R, C): the rows of expert 0, then of expert 1, ... Grouped layout: expert e's rows end at offs[e],
+        one grouped matmul. Padded layout (offs None): cap rows each, R = E*cap, one batched matmul. """
         if offs is None:
             x = x.view(self.c_fc.size(0), -1, x.size(-1))  # (E, cap, C)
             # baddbmm adds the bias inside the matmul, and autocasts it along with the weights
@@ -206,8 +204,7 @@ def use_grouped_mm(device, dtype, compiling, sizes):
 
 
 class MOELayer(nn.Module):
-    """ Top-k routed experts with a capacity limit: routing -> dispatch -> experts -> combine. The dispatch
-    sorts the assignments by expert and gathers their tokens, never builds one-hot masks. """
+    """ Top-k routed experts with a capacity limit: routing -> dispatch (sort by expert, gather) -> experts -> combine """
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -231,8 +228,7 @@ class MOELayer(nn.Module):
         cf = self.train_capacity if self.training else self.eval_capacity
         if cf <= 0:
             return N
-        # + 1e-6: a factor such as 0.7 is stored a hair below its decimal value, which must not cost a slot
-        cap = math.floor(self.top_k * cf * N / self.n_exp + 1e-6)
+        cap = math.floor(self.top_k * cf * N / self.n_exp + 1e-6)  # + 1e-6: 0.7 is stored a hair below 0.7
         cap += cap % 2
         return min(max(cap, self.min_capacity), N)
 
@@ -252,10 +248,9 @@ class MOELayer(nn.Module):
         sorted_expert, sorted_assignment = torch.sort(topk_idx.t().reshape(-1), stable=True)  # (k*N,), (k*N,)
         expert_end = torch.cumsum(tokens_per_expert, 0)  # (E,) where expert e's assignments end in sorted_assignment
         expert_start = expert_end - tokens_per_expert  # (E,) and where they start
-        # Each row of the experts' input holds one assignment's token, gathered, so nothing is scattered.
-        # A row without a kept assignment (a dropped one, or a padding slot) gets a zero input and gate 0:
-        # it adds nothing to any output or gradient, and an expert that would overflow on some token
-        # (float16) reaches no token it did not keep.
+        # Each row of the experts' input gathers one assignment's token. A row without a kept assignment (a
+        # dropped one, a padding slot) gets a zero input and gate 0: it adds nothing to any output or gradient,
+        # and an expert that would overflow on some token (float16) reaches no token it did not keep.
         H = self.experts.c_fc.size(-1)
         if use_grouped_mm(x.device, _compute_dtype(x), torch.compiler.is_compiling(), (C, H)):
             # R = k*N rows in sorted order, expert e's ending at offs[e]. A dropped assignment keeps its
@@ -264,8 +259,7 @@ class MOELayer(nn.Module):
             row_assignment = sorted_assignment  # (R,)
             row_kept = torch.arange(k * N, device=x.device) - expert_start[sorted_expert] < cap  # (R,)
         else:
-            # R = E*cap rows, cap slots per expert: slot s of expert e holds e's s-th assignment, if e kept
-            # more than s
+            # R = E*cap rows, cap slots per expert: slot s of expert e holds e's s-th assignment, if e kept it
             offs = None
             row = torch.arange(E * cap, device=x.device)
             row_expert, slot = row // cap, row % cap
@@ -278,13 +272,13 @@ class MOELayer(nn.Module):
         # experts
         out = self.experts(x_in, offs)  # (R, C)
 
-        # combine: y_t = sum over t's kept assignments of gate * expert output. index_add adds the
-        # k outputs of a token onto zero: for k = 2 the same sum in any order, on any device.
+        # combine: y_t = sum over t's kept assignments of gate * expert output. index_add adds a token's k
+        # outputs onto zero: for k = 2 the same sum in any order, on any device
         row_gate = torch.where(row_kept, gates.t().reshape(-1).index_select(0, row_assignment), 0)  # (R,)
         y = out.new_zeros(N, C).index_add(0, row_token, out * row_gate.to(out.dtype).unsqueeze(1))  # (N, C)
 
-        MANAGER.add_routing_stats(self.layer_idx, tokens_per_expert.detach(),
-                                  1.0 - kept_per_expert.sum().detach() / (k * N))
+        dropped_frac = 1.0 - kept_per_expert.sum().detach() / (k * N)
+        MANAGER.add_routing_stats(self.layer_idx, tokens_per_expert.detach(), dropped_frac)
         y = self.dropout(y)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
@@ -305,9 +299,8 @@ class Block(nn.Module):
 
     def forward(self, x, kv_cache=None, pos=None):
         x = x + self.attn(self.ln_1(x), kv_cache, pos)
-        if kv_cache is not None and isinstance(self.mlp, MOELayer):  # GPT.generate: see there
-            return x + self.mlp(self.ln_2(x), dropless=True)
-        return x + self.mlp(self.ln_2(x))
+        mlp_args = {'dropless': True} if kv_cache is not None and isinstance(self.mlp, MOELayer) else {}  # generate
+        return x + self.mlp(self.ln_2(x), **mlp_args)
 
 
 @dataclass
@@ -382,8 +375,7 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def get_num_params(self, non_embedding=True, active=False):
-        """ Number of parameters. non_embedding leaves out the position embeddings (the token ones are lm_head's);
-        active counts only the top_k of n_exp experts of each MoE layer a token uses: those that cost FLOPs. """
+        """ non_embedding leaves out wpe (wte is lm_head's); active counts the top_k of n_exp experts a token runs """
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n_params -= self.transformer.wpe.weight.numel()
@@ -446,18 +438,16 @@ class GPT(nn.Module):
 
         return logits, loss
 
-    def crop_block_size(self, block_size):
-        # model surgery, e.g. GPT-2's block size 1024 down to a smaller model's
+    def crop_block_size(self, block_size):  # model surgery, e.g. GPT-2's block size 1024 down to a smaller model's
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @classmethod
     def from_pretrained(cls, model_type, override_args=None):
-        """ GPT-2 weights from Hugging Face: a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl)
-        or a local directory written by GPT2LMHeadModel.save_pretrained. override_args may set
-        dropout and, with n_exp > 1, the MoE keys: the dense GPT-2 is then upcycled. ValueError: weights that do
-        not load, or MoE keys upcycling cannot take. """
+        """ GPT-2 weights from Hugging Face: a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local directory
+        written by GPT2LMHeadModel.save_pretrained. override_args may set dropout and, with n_exp > 1, the MoE keys:
+        the dense GPT-2 is then upcycled. ValueError names a bad input """
         override_args = dict(override_args or {})
         moe_args = {k: override_args.pop(k) for k in list(override_args) if k != 'dropout'}
         from transformers import GPT2LMHeadModel
@@ -486,11 +476,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def upcycle(self, **moe_args):
-        """ Sparse upcycling (Komatsuzaki et al. 2022, https://arxiv.org/abs/2212.05055): the MoE
-        GPT with this dense model's weights, each MoE block's experts all copies of that block's
-        MLP, and fresh routers. Dropless and with top_k >= 2, it computes what the dense model does:
-        the k gates of a token sum to 1 over k equal experts. With top_k = 1 each MoE block's output
-        starts as its MLP's scaled by the gate p_i(x) < 1 (Switch eq. 2). """
+        """ Sparse upcycling (Komatsuzaki et al. 2022, https://arxiv.org/abs/2212.05055): the MoE GPT with this dense
+        model's weights, each MoE block's experts all copies of that block's MLP, and fresh routers. Dropless and with
+        top_k >= 2 it computes what the dense model does: a token's k gates sum to 1 over k equal experts. With
+        top_k = 1 each MoE block's output starts as its MLP's scaled by the gate p_i(x) < 1 (Switch eq. 2). """
         config = GPTConfig(**{**asdict(self.config), **moe_args})
         if config.expert_hidden not in (0, 4 * config.n_embd) or config.n_shared_exp:
             raise ValueError("upcycling copies the dense MLP into each expert: "
@@ -526,16 +515,15 @@ class GPT(nn.Module):
                         {'params': nodecay_params, 'weight_decay': 0.0}]
         for kind, group in (('decayed', decay_params), ('non-decayed', nodecay_params)):
             print(f"num {kind} parameter tensors: {len(group)}, with {sum(p.numel() for p in group):,} parameters")
-        # fused AdamW where available, on CPU too: unfused it is a loop of small ops per tensor, and MoE
-        # models have many parameters
+        # fused AdamW where available, on CPU too: unfused it is a loop of small ops per tensor, and MoE models have many
         use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'cpu')
-        optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **({'fused': True} if use_fused else {}))
+        extra_args = dict(fused=True) if use_fused else dict()
+        optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
         print(f"using fused AdamW: {use_fused}")
         return optimizer
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
-        """ model flops utilization (MFU), counting the active parameters only (a token runs
-        top_k of n_exp experts), over peak_flops (gpu_peak_flops) """
+        """ model flops utilization (MFU) of the active parameters (a token runs top_k of n_exp experts) over peak_flops """
         # see PaLM paper Appendix B as ref: https://arxiv.org/abs/2204.02311
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
@@ -544,10 +532,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """ Complete idx (LongTensor (b,t)) by max_new_tokens tokens, each fed back in; use model.eval().
-        The prompt's forward fills a key/value cache per block, later ones run the newest token alone.
-        MoE layers route dropless, as model(idx) does with eval_capacity <= 0: a token's experts never
-        depend on other tokens, so cached tokens stay valid (README, Sampling). """
+        """ Complete idx (LongTensor (b,t)) by max_new_tokens tokens, each fed back in; use model.eval(). The prompt's
+        forward fills a key/value cache per block, later ones run the newest token alone. MoE layers route dropless, as
+        model(idx) with eval_capacity <= 0: a token's experts never depend on other tokens, so cached ones stay valid """
         L, hs = self.config.block_size, self.config.n_embd // self.config.n_head
         shape = (idx.size(0), self.config.n_head, min(L, idx.size(1) + max_new_tokens), hs)  # (B, nh, S, hs)
         # zeros, not empty: slots not yet written get attention weight 0, and 0 * nan is nan
@@ -573,8 +560,8 @@ class GPT(nn.Module):
         return idx
 
 
-# bf16 dense tensor-core peaks in FLOP/s from NVIDIA's datasheets (their headline figures, with 2:4 sparsity,
-# are twice these); the first name that occurs in the GPU's name wins
+# bf16 dense tensor-core peaks, FLOP/s, from NVIDIA's datasheets (whose headline figures, with 2:4 sparsity, are twice
+# these); the first name that occurs in the GPU's name wins
 GPU_PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200 NVL': 835e12, 'H200': 989e12,
                   'A100': 312e12}
 
@@ -586,8 +573,7 @@ def gpu_peak_flops(device):
 
 
 def load_checkpoint(path, device):
-    """ A checkpoint written by train.py, or a one-line error (ValueError) for a missing,
-    truncated or foreign file, instead of a pickle traceback. """
+    """ A checkpoint written by train.py; a missing, truncated or foreign file is a one-line ValueError """
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=False)
     except FileNotFoundError:
@@ -601,12 +587,10 @@ def load_checkpoint(path, device):
 
 
 def model_from_checkpoint(checkpoint, **override_args):
-    """ The GPT a train.py checkpoint describes, with its weights; override_args such as dropout
-    change the config, not the weights. """
+    """ The GPT a train.py checkpoint describes, with its weights; override_args (dropout) change the config """
     model = GPT(GPTConfig(**{**checkpoint['model_args'], **override_args}))
     # torch.compile'd models save their parameters under an '_orig_mod.' prefix
-    state_dict = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
-    model.load_state_dict(state_dict)
+    model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
     return model
 
 
