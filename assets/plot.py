@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 
 def read_log(out_dir):
     """ train records (iter, loss, dt_ms, routing) and eval records (iter, val_loss, train_s) of a run;
-    a resumed run logs its first iteration twice, the later record wins """
+    of two records of one iteration the later wins """
     train, evals = {}, {}
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
         for record in map(json.loads, f):
