@@ -37,7 +37,7 @@ exec(open({configurator!r}).read())
 """
 
 
-def test_train_keys_cover_gpt_config():
+def test_train_py_has_every_gpt_config_key_with_its_type():
     # vocab_size comes from the dataset, not from a config
     assert {f.name for f in fields(GPTConfig)} - {'vocab_size'} <= set(TRAIN_KEYS)
     for f in fields(GPTConfig):
@@ -46,7 +46,7 @@ def test_train_keys_cover_gpt_config():
 
 
 @pytest.mark.parametrize('name', CONFIGS)
-def test_config_sets_only_known_keys(tmp_path, name):
+def test_config_file_sets_only_train_py_keys_with_their_types(tmp_path, name):
     script = tmp_path / 'script.py'
     defaults = '\n'.join(f'{k} = {v!r}' for k, v in TRAIN_KEYS.items())
     script.write_text(SCRIPT.format(defaults=defaults, configurator=os.path.join(ROOT, 'configurator.py')))

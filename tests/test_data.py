@@ -177,6 +177,6 @@ def test_missing_input_stops_with_one_line_and_writes_nothing(tmp_path, name):
     out = tmp_path / 'out'
     p = prepare(name, tmp_path, f'--input={tmp_path / "missing.txt"}', f'--out_dir={out}')
     assert p.returncode != 0
-    assert p.stderr.startswith(f"error: no ") and str(tmp_path / 'missing.txt') in p.stderr
+    assert p.stderr.startswith("error: no ") and str(tmp_path / 'missing.txt') in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     assert not out.exists()

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from test_train import ROOT, SHAKESPEARE, TINY, MOE, workdir, train, logged  # noqa: F401 (workdir is a fixture)
+from conftest import ROOT, SHAKESPEARE, TINY, MOE, train, logged
 
 pytestmark = pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason="needs ../shared/data/tinyshakespeare")
 
@@ -74,7 +74,7 @@ def test_fsdp_resume_is_exact_and_its_checkpoints_resume_on_one_process_and_samp
     assert len(p.stdout.strip()) >= 40  # 40 characters of a char-level model, decoded with its meta.pkl
 
 
-def test_fsdp_without_torchrun_is_one_line(workdir):
+def test_fsdp_without_torchrun_stops_with_one_line(workdir):
     p = train(workdir, *TINY, '--fsdp=True', f'--out_dir={workdir / "out-fsdp-alone"}', check=False)
     assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith('error: fsdp=True shards the model')
     assert not (workdir / 'out-fsdp-alone').exists()

@@ -101,28 +101,29 @@ def test_earlier_nanomoe_checkpoint_loads_unchanged(noisy):
     assert torch.isfinite(loss)
 
 
-def test_train_loss_adds_router_losses_and_eval_loss_is_ce_alone():
+@pytest.mark.parametrize('kw,n_aux,aux_weight,z_weight', [
+    (dict(aux_loss_weight=0.5, router_z_loss_weight=0.25), 2, 0.5, 0.25),
+    (dict(use_aux_loss=False), 0, 0.0, 0.001),  # no aux loss collected; the z-loss at its default weight
+], ids=['aux_and_z', 'z_only'])
+def test_train_loss_adds_the_enabled_router_losses_with_their_weights(kw, n_aux, aux_weight, z_weight):
+    model = tiny(**kw).train()
+    idx, targets = batch()
+    logits, loss = model(idx, targets)
+    ce = F.cross_entropy(logits.view(-1, 64), targets.view(-1))
+    assert len(MANAGER.aux_loss) == n_aux and len(MANAGER.router_z_loss) == 2  # blocks 0 and 2
+    torch.testing.assert_close(loss, ce + aux_weight * sum(MANAGER.aux_loss) + z_weight * sum(MANAGER.router_z_loss))
+    if n_aux:
+        assert loss.item() > ce.item() + 0.5  # the aux losses are near 1 each: really added
+
+
+def test_eval_loss_is_cross_entropy_alone():
     model = tiny(aux_loss_weight=0.5, router_z_loss_weight=0.25)
     idx, targets = batch()
     model.train()
-    logits, loss = model(idx, targets)
-    ce = F.cross_entropy(logits.view(-1, 64), targets.view(-1))
-    assert len(MANAGER.aux_loss) == len(MANAGER.router_z_loss) == 2  # blocks 0 and 2
-    expected = ce + 0.5 * (MANAGER.aux_loss[0] + MANAGER.aux_loss[1]) + 0.25 * (MANAGER.router_z_loss[0] + MANAGER.router_z_loss[1])
-    torch.testing.assert_close(loss, expected)
-    assert loss.item() > ce.item() + 0.5  # the aux losses are near 1 each: really added
+    model(idx, targets)  # a training forward first, which collects router losses
     model.eval()
     logits, loss = model(idx, targets)
     torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 64), targets.view(-1)))
-
-
-def test_router_losses_only_when_enabled():
-    model = tiny(use_aux_loss=False, use_router_z_loss=True)
-    idx, targets = batch()
-    logits, loss = model(idx, targets)
-    ce = F.cross_entropy(logits.view(-1, 64), targets.view(-1))
-    assert MANAGER.aux_loss == []
-    torch.testing.assert_close(loss, ce + 0.001 * sum(MANAGER.router_z_loss))
 
 
 def test_manager_is_reset_every_forward():
@@ -141,7 +142,7 @@ def test_manager_is_reset_every_forward():
     assert MANAGER.aux_loss == [] and MANAGER.routing == {}
 
 
-def test_moe_model_trains():
+def test_moe_model_learns_a_batch_by_heart_and_its_router_trains():
     model = tiny(dropout=0.0)
     opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), 'cpu')
     idx, targets = batch(B=4, T=16)
@@ -253,7 +254,7 @@ def test_generate_leaves_training_and_eval_losses_untouched():
     assert losses() == before
 
 
-def test_crop_block_size():
+def test_crop_block_size_shrinks_the_position_table_and_runs_at_the_new_size():
     model = tiny(block_size=32)
     model.crop_block_size(16)
     assert model.transformer.wpe.weight.shape == (16, 32)
@@ -308,11 +309,10 @@ def test_compiled_generate_compiles_three_graphs_whatever_the_length():
     assert not counters['graph_break'], dict(counters['graph_break'])
 
 
-
 @pytest.mark.parametrize('name,peak', [('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H100 PCIe', 756e12),
                                        ('NVIDIA H200 NVL', 835e12), ('NVIDIA A100-SXM4-80GB', 312e12),
                                        ('Tesla T4', 0.0), ('NVIDIA GeForce RTX 3090', 0.0)])
-def test_gpu_peak_flops_by_name_and_none_for_an_unknown_gpu(monkeypatch, name, peak):
+def test_gpu_peak_flops_by_device_name_and_zero_for_an_unknown_gpu(monkeypatch, name, peak):
     import model
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
     assert model.gpu_peak_flops('cuda') == peak

@@ -35,7 +35,7 @@ def test_upcycled_gpt2_from_local_dir_has_the_dense_logits(tmp_path):
 
 
 @pytest.mark.parametrize('top_k', [2, 4])
-def test_upcycled_training_step_starts_from_the_dense_loss(top_k):
+def test_upcycled_model_with_top_k_above_1_has_the_dense_loss(top_k):
     dense = dense_gpt(bias=False)
     moe = dense.upcycle(**{**DROPLESS, 'top_k': top_k, 'use_aux_loss': False})
     idx = torch.randint(0, 64, (2, 32))

@@ -161,7 +161,7 @@ def test_layer_matches_reference(case, expert_path):
         torch.testing.assert_close(fast['grads'][name], ref['grads'][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_eval_uses_eval_capacity(expert_path):
+def test_eval_drops_by_eval_capacity_and_training_by_train_capacity(expert_path):
     layer = make_layer(train_capacity=0.0, eval_capacity=0.5, min_capacity=1)
     x = skewed_input(layer=layer)
     fast, ref = run_both(layer, x, train=False)
@@ -203,7 +203,7 @@ def test_noisy_top_k_adds_no_noise_in_eval():
     (24, 4, 2, 0.0, 4, 24),    # dropless: room for every token
     (24, 4, 2, -1.0, 4, 24),
 ])
-def test_capacity_formula(N, E, k, cf, min_cap, expected):
+def test_capacity_is_switch_eq3_rounded_up_to_even_between_min_capacity_and_n_tokens(N, E, k, cf, min_cap, expected):
     layer = make_layer(n_exp=E, top_k=k, train_capacity=cf, min_capacity=min_cap)
     assert layer.capacity(N) == expected
 
@@ -254,7 +254,7 @@ def test_an_expert_that_overflows_reaches_only_the_tokens_it_keeps(expert_path):
     assert torch.all(y[0, 2:] == 0)
 
 
-def test_aux_loss_is_one_at_perfect_balance_and_z_loss_by_hand():
+def test_uniform_router_has_aux_loss_one_and_z_loss_log_e_squared():
     layer = make_layer(n_exp=4, top_k=2)
     with torch.no_grad():
         layer.router.w_g.weight.zero_()  # uniform router: P_e = 1/E whatever f is
@@ -274,7 +274,7 @@ def test_aux_loss_grows_with_imbalance():
     assert MANAGER.aux_loss[0].item() > 1.5  # 1 when balanced, at most E = 4
 
 
-def test_router_full_precision_under_autocast():
+def test_router_full_prec_keeps_its_logits_float32_under_autocast():
     x = torch.randn(2, 8, 16)
     ref_layer = make_layer(router_use_full_prec=False)
     MANAGER.reset()
@@ -360,7 +360,7 @@ def test_grouped_matmul_only_where_its_kernel_accepts_the_shapes(device, dtype, 
 
 @pytest.mark.parametrize('major,dtype,expected', [(9, torch.bfloat16, True), (10, torch.bfloat16, True),
                                                   (8, torch.bfloat16, False), (9, torch.float32, False)])
-def test_grouped_matmul_on_gpus_with_torch_cutlass_kernel(monkeypatch, major, dtype, expected):
+def test_grouped_matmul_on_cuda_only_for_bf16_on_sm90_and_sm100(monkeypatch, major, dtype, expected):
     # torch's bf16 grouped GEMM runs on sm90 and sm100 (Hopper, Blackwell); other GPUs loop over matmuls
     from types import SimpleNamespace
     monkeypatch.setattr(torch.cuda, 'get_device_properties', lambda device: SimpleNamespace(major=major, minor=0))

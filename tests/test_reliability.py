@@ -1,6 +1,6 @@
 """
-Bad input gets one clear line and a non-zero exit before any work; checkpoints survive a kill
-mid-write; a loss that blows up stops the run without touching the last good checkpoint.
+train.py on bad input: one clear line and a non-zero exit before any work; checkpoints survive a
+kill mid-write; a loss that blows up stops the run without touching the last good checkpoint.
 """
 import os
 import sys
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_train import ROOT, TINY, MOE, train, workdir  # noqa: F401 (workdir is a fixture)
+from conftest import ROOT, TINY, MOE, train
 
 TRAIN_PY = os.path.join(ROOT, 'train.py')
 
@@ -29,10 +29,20 @@ def make_dataset(work, name, n_tokens, vocab_size):
 
 @pytest.fixture(scope='module')
 def trained(workdir):
-    """ a run with a checkpoint at iteration 4 (block_size 32, vocab 65) """
+    """ an MoE run with a checkpoint at iteration 4 (block_size 32, vocab 65) """
     out = workdir / 'out-trained'
     train(workdir, *TINY, *MOE, f'--out_dir={out}', '--max_iters=4', '--eval_interval=4')
     return out
+
+
+@pytest.fixture(scope='module')
+def dense_run(workdir):
+    """ a dense run with a checkpoint at iteration 3, given MoE keys (which a dense model ignores)
+    and a warmup as long as its decay """
+    out = workdir / 'out-dense'
+    p = train(workdir, *TINY, '--top_k=4', '--use_aux_loss=True', '--use_aux_free_bias=True', '--warmup_iters=2',
+              '--lr_decay_iters=2', f'--out_dir={out}', '--max_iters=3', '--eval_interval=3')
+    return out, p
 
 
 def fails_with(cwd, args, message, launcher_code=None):
@@ -66,14 +76,24 @@ def test_bad_config_or_data_stops_before_any_work(workdir, args, message):
     assert not out.exists()  # nothing written
 
 
-def test_resume_without_checkpoint(workdir):
+def test_unknown_dataset_names_the_datasets_in_data(tmp_path):
+    for name in ('shakespeare_char', 'openwebtext'):
+        (tmp_path / 'data' / name).mkdir(parents=True)
+    p = train(tmp_path, *TINY, '--dataset=shakespear_char', check=False)
+    assert p.returncode != 0
+    assert p.stderr == ("error: no dataset 'shakespear_char' in data/ (it has openwebtext, shakespeare_char): "
+                        "pick one, or prepare yours into data/shakespear_char/\n")
+    assert not (tmp_path / 'out').exists()
+
+
+def test_resume_without_a_checkpoint_stops_with_one_line(workdir):
     out = workdir / 'out-empty'
     fails_with(workdir, [*TINY, f'--out_dir={out}', '--init_from=resume'],
                f"error: init_from='resume' but there is no checkpoint at {out}/ckpt.pt: train with init_from='scratch' first, or set --out_dir")
 
 
 @pytest.mark.parametrize('block_size', [64, 16])
-def test_resume_with_another_block_size(workdir, trained, block_size):
+def test_resume_with_another_block_size_stops_and_leaves_the_run_record(workdir, trained, block_size):
     record = (trained / 'run.json').read_bytes()
     fails_with(workdir, [*TINY, f'--out_dir={trained}', '--init_from=resume', f'--block_size={block_size}'],
                f"error: block_size={block_size} is not the checkpoint's 32: resume with --block_size=32, "
@@ -81,36 +101,40 @@ def test_resume_with_another_block_size(workdir, trained, block_size):
     assert (trained / 'run.json').read_bytes() == record
 
 
-def test_a_new_run_refuses_an_out_dir_that_holds_one_and_an_eval_leaves_it_as_it_was(workdir, trained):
+def test_a_new_run_refuses_an_out_dir_that_holds_a_checkpoint_and_leaves_it_as_it_was(workdir, trained):
     files = {f: (trained / f).read_bytes() for f in ('ckpt.pt', 'log.jsonl', 'run.json')}
     fails_with(workdir, [*TINY, f'--out_dir={trained}'],
                f"error: out_dir '{trained}' holds a run's checkpoint: continue it with --init_from=resume, or pick another --out_dir")
     assert {f: (trained / f).read_bytes() for f in files} == files
+
+
+def test_eval_only_of_a_fresh_model_in_a_runs_out_dir_only_appends_to_its_log(workdir, trained):
+    files = {f: (trained / f).read_bytes() for f in ('ckpt.pt', 'log.jsonl', 'run.json')}
     train(workdir, *TINY, f'--out_dir={trained}', '--eval_only=True')  # a fresh model's eval, logged beside the run
     assert {f: (trained / f).read_bytes() for f in ('ckpt.pt', 'run.json')} == {f: files[f] for f in ('ckpt.pt', 'run.json')}
     assert (trained / 'log.jsonl').read_bytes().startswith(files['log.jsonl'])
 
 
-def test_warmup_as_long_as_the_decay_trains(workdir, tmp_path):
+def test_warmup_as_long_as_the_decay_trains(dense_run):
     # nanoGPT's schedule divided 0 by 0 at iteration warmup_iters when it equals lr_decay_iters
-    train(workdir, *TINY, f'--out_dir={tmp_path}/out', '--warmup_iters=2', '--lr_decay_iters=2', '--max_iters=3')
+    out, _ = dense_run
+    assert torch.load(out / 'ckpt.pt', weights_only=False)['iter_num'] == 3
 
 
-def test_upcycling_with_impossible_moe_keys_stops_with_one_line(workdir, tmp_path):
-    dense = tmp_path / 'out-dense'
-    train(workdir, *TINY, f'--out_dir={dense}', '--max_iters=1', '--eval_interval=1')
+def test_upcycling_with_impossible_moe_keys_stops_with_one_line(workdir, dense_run, tmp_path):
+    dense, _ = dense_run
     fails_with(workdir, [*TINY, f'--init_from={dense}', f'--out_dir={tmp_path}/out-up', '--n_exp=4', '--expert_hidden=64'],
                "error: upcycling copies the dense MLP into each expert: leave expert_hidden=0 and n_shared_exp=0")
     assert not (tmp_path / 'out-up').exists()
 
 
-def test_resume_on_data_with_another_vocabulary(workdir, trained):
+def test_resume_on_data_with_another_vocabulary_stops_with_one_line(workdir, trained):
     make_dataset(workdir, 'other_vocab', 1000, 100)
     fails_with(workdir, [*TINY, f'--out_dir={trained}', '--init_from=resume', '--dataset=other_vocab'],
                "error: data/other_vocab/meta.pkl has a vocabulary of 100 tokens but the model has 65: prepare the data with the model's tokenizer")
 
 
-def test_pretrained_with_larger_block_size(workdir, tmp_path):
+def test_pretrained_weights_with_a_smaller_block_size_stop_with_one_line(workdir, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=65)).save_pretrained(tmp_path)
     fails_with(workdir, [*TINY, f'--out_dir={tmp_path}/out', f'--init_from={tmp_path}'],
@@ -134,9 +158,8 @@ def test_unreadable_or_foreign_checkpoint_names_the_error(workdir, tmp_path, con
     assert p.stderr.strip().splitlines()[-1].startswith(f"error: {path} {message}")
 
 
-def test_moe_key_with_dense_model_warns(workdir):
-    p = train(workdir, *TINY, '--top_k=4', '--use_aux_loss=True', '--use_aux_free_bias=True',
-              f'--out_dir={workdir}/out-warn', '--max_iters=2')  # trains: the keys change nothing
+def test_moe_keys_on_a_dense_model_warn_and_train(dense_run):
+    _, p = dense_run  # trained: the keys change nothing
     assert 'warning: top_k=4 has no effect with n_exp=1 (a dense model)' in p.stdout
     assert 'warning: use_aux_loss=True has no effect with n_exp=1 (a dense model)' in p.stdout
     assert 'warning: use_aux_free_bias=True has no effect with n_exp=1 (a dense model)' in p.stdout
@@ -156,14 +179,16 @@ torch.save = dying_save
 """
 
 
-def test_kill_during_checkpoint_write_keeps_previous_checkpoint(workdir, trained):
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(workdir, trained, tmp_path):
     from model import load_checkpoint
-    before = load_checkpoint(trained / 'ckpt.pt', 'cpu')
-    p = subprocess.run([sys.executable, '-c', launcher([*TINY, f'--out_dir={trained}', '--init_from=resume',
+    out = tmp_path / 'out'
+    shutil.copytree(trained, out)  # a checkpoint at iteration 4
+    before = load_checkpoint(out / 'ckpt.pt', 'cpu')
+    p = subprocess.run([sys.executable, '-c', launcher([*TINY, f'--out_dir={out}', '--init_from=resume',
                                                          '--max_iters=8', '--eval_interval=4'], KILLED_MID_SAVE)],
                        cwd=workdir, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert p.returncode == 9 and 'saving checkpoint' in p.stdout
-    after = load_checkpoint(trained / 'ckpt.pt', 'cpu')
+    after = load_checkpoint(out / 'ckpt.pt', 'cpu')
     assert after['iter_num'] == before['iter_num'] == 4
     for k, v in before['model'].items():
         assert torch.equal(v, after['model'][k])
@@ -205,7 +230,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, trained, tmp_pat
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values())
 
 
-def test_resume_of_a_float32_run_in_float16(workdir, trained, tmp_path):
+def test_a_float32_run_resumes_in_float16(workdir, trained, tmp_path):
     """ the float32 run saved an empty GradScaler state; float16 turns the scaler on """
     out = tmp_path / 'out'
     shutil.copytree(trained, out)
