@@ -125,7 +125,8 @@ def fail(message):
 
 # the processes, the device and the dtype
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
-ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ.get(k, v)) for k, v in (('RANK', 0), ('LOCAL_RANK', 0), ('WORLD_SIZE', 1)))
+ddp_rank, ddp_local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
+ddp_world_size = int(os.environ.get('WORLD_SIZE', 1))
 master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
 if not device:
     device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
@@ -170,7 +171,8 @@ if init_from == 'resume' and not os.path.exists(ckpt_path):
     fail(f"init_from='resume' but there is no checkpoint at {ckpt_path}: train with init_from='scratch' first, "
          "or set --out_dir")
 if init_from != 'resume' and not eval_only and os.path.exists(ckpt_path):
-    fail(f"out_dir '{out_dir}' holds a run's checkpoint: continue it with --init_from=resume, or pick another --out_dir")
+    fail(f"out_dir '{out_dir}' holds a run's checkpoint: continue it with --init_from=resume, "
+         "or pick another --out_dir")
 if not os.path.isdir(data_dir):
     names = sorted(d for d in os.listdir('data') if os.path.isdir(f'data/{d}') and d[0] not in '._') \
         if os.path.isdir('data') else []
@@ -207,8 +209,7 @@ def get_batch(split, it, micro):
     """ Micro-batch `micro` (counted across all processes) of iteration `it`, a function of (seed, split, it, micro)
     alone: runs resume exactly, and N processes see the batches of one with N times the gradient accumulation.
     train.bin / val.bin are uint16 token ids, as data/<dataset>/prepare.py writes them """
-    # We recreate np.memmap every batch to avoid a memory leak, as per
-    # https://stackoverflow.com/questions/45132940/numpy-memmap-memory-usage-want-to-iterate-once/61472122#61472122
+    # a new np.memmap every batch, to avoid a memory leak: https://stackoverflow.com/a/61472122
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
     ix = np.random.default_rng([seed, split == 'val', it, micro]).integers(len(data) - block_size, size=batch_size)
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
@@ -243,19 +244,17 @@ try:
         best_val_loss = checkpoint['best_val_loss']
         train_s = checkpoint.get('train_s', 0.0)  # checkpoints of the earlier nanoMoE have none
     else:
-        upcycle_args = {'n_exp': n_exp, **{k: config[k] for k in moe_defaults}} if n_exp > 1 else {}
-        if os.path.exists(os.path.join(init_from, 'ckpt.pt')):
+        source = os.path.join(init_from, 'ckpt.pt')
+        if os.path.exists(source):
             print(f"Initializing from the weights of the run in {init_from}")
-            model = model_from_checkpoint(load_checkpoint(os.path.join(init_from, 'ckpt.pt'), map_location), dropout=dropout)
-            if upcycle_args and model.config.n_exp > 1:
-                print(f"warning: the run in {init_from} is already MoE: its own MoE keys are used, not the given ones")
-                upcycle_args = {}
-            elif upcycle_args:
-                model = model.upcycle(**upcycle_args)
+            model = model_from_checkpoint(load_checkpoint(source, map_location), dropout=dropout)
         else:
             print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
-            model = GPT.from_pretrained(init_from, dict(dropout=dropout, **upcycle_args))
-        if upcycle_args:
+            model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+        if n_exp > 1 and model.config.n_exp > 1:
+            print(f"warning: the run in {init_from} is already MoE: its own MoE keys are used, not the given ones")
+        elif n_exp > 1:
+            model = model.upcycle(n_exp=n_exp, **{k: config[k] for k in moe_defaults})
             print(f"upcycled: every expert starts as a copy of its block's MLP ({n_exp} experts, top_k={top_k})")
         if block_size > model.config.block_size:
             raise ValueError(f"block_size={block_size} is larger than {init_from}'s {model.config.block_size}: "
@@ -269,8 +268,9 @@ if block_size < model.config.block_size:  # model surgery, e.g. GPT-2's 1024 dow
     model.crop_block_size(block_size)
 model_args = asdict(model.config)  # what the checkpoint needs to build the model again
 raw_model, cfg = model, model.config  # what we save: neither compiled nor wrapped
-if (master_process and cfg.n_exp > 1 and min(cfg.train_capacity, cfg.eval_capacity) <= 0
-        and not use_grouped_mm(torch.device(device), ptdtype, compile, (cfg.n_embd, cfg.expert_hidden or 4 * cfg.n_embd))):
+dropless = cfg.n_exp > 1 and min(cfg.train_capacity, cfg.eval_capacity) <= 0
+if master_process and dropless and not use_grouped_mm(torch.device(device), ptdtype, compile,
+                                                      (cfg.n_embd, cfg.expert_hidden or 4 * cfg.n_embd)):
     # a static shape must hold the worst case, every token on one expert (model.py, MOELayer)
     print(f"warning: dropless routing here runs the experts on padded slots for all N tokens each: "
           f"n_exp/top_k = {cfg.n_exp / cfg.top_k:.1f}x the expert FLOPs and memory of the N*top_k assignments")
@@ -297,7 +297,7 @@ param_name = {p: n for n, p in model.named_parameters()}
 param_names = [param_name[p] for group in optimizer.param_groups for p in group['params']]
 def rekey(optim_state, key):
     return {'state': {key[k]: v for k, v in optim_state['state'].items()},
-            'param_groups': [{**group, 'params': [key[k] for k in group['params']]} for group in optim_state['param_groups']]}
+            'param_groups': [{**g, 'params': [key[k] for k in g['params']]} for g in optim_state['param_groups']]}
 if init_from == 'resume':
     if fsdp:  # from the full state every process read, each keeps its shard
         set_optimizer_state_dict(model, optimizer, rekey(checkpoint['optimizer'], dict(enumerate(param_names))),
@@ -402,7 +402,7 @@ def step_line(r):
     line += f", mfu {running_mfu * 100:.1f}%" if running_mfu > 0 else ""
     if dt_avg is not None:
         eta = (max_iters - r['iter']) * dt_avg
-        line += f", eta {eta / 3600:.1f}h" if eta > 3600 else f", eta {eta / 60:.1f}m" if eta > 60 else f", eta {eta:.0f}s"
+        line += ", eta " + (f"{eta / 3600:.1f}h" if eta > 3600 else f"{eta / 60:.1f}m" if eta > 60 else f"{eta:.0f}s")
     return line
 
 def logged_iter(line):
@@ -432,9 +432,9 @@ if master_process:
             f.writelines(kept)
         os.replace(log_path + '.tmp', log_path)
     log_file = open(log_path, 'a', buffering=1)  # line-buffered: every record is on disk when written
-if wandb_log and master_process:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    if wandb_log:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 signal.signal(signal.SIGINT, on_interrupt)
 
 # training loop
@@ -463,7 +463,8 @@ while True:
         if master_process:
             log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr, train_s=train_s),
                 f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
-                {"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr, "mfu": running_mfu * 100})
+                {"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr,
+                 "mfu": running_mfu * 100})
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and not eval_only:
@@ -472,8 +473,7 @@ while True:
     if eval_only:
         break
 
-    # forward backward update, with optional gradient accumulation to simulate larger batch size
-    # and using the GradScaler if data type is float16
+    # forward backward update, with gradient accumulation to simulate a larger batch
     for micro_step in range(gradient_accumulation_steps):
         X, Y = get_batch('train', iter_num, ddp_rank * gradient_accumulation_steps + micro_step)
         last_micro_step = micro_step == gradient_accumulation_steps - 1  # DDP and FSDP sync gradients there only
@@ -532,8 +532,8 @@ if master_process:
     log_file.close()
     if not eval_only:
         print(f"best val loss {best_val_loss:.4f}; {checkpoint_status()}")
-if wandb_log and master_process:
-    wandb.finish()
+    if wandb_log:
+        wandb.finish()
 if ddp:
     torch.distributed.barrier()  # the processes leave together
 leave(0)
