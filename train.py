@@ -25,11 +25,6 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
-from torch.distributed.tensor import DTensor
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
 
 from model import GPTConfig, GPT, load_checkpoint, model_from_checkpoint, use_grouped_mm, gpu_peak_flops
 from manager import MANAGER
@@ -278,6 +273,12 @@ if fsdp:
     # FSDP2 as its docs recommend: every Block a unit, gathered for its forward and backward, then the root
     # (embeddings, ln_f), on the mesh of train.py's device type (FSDP's default is the machine's accelerator).
     # Weights compute in dtype, gradients reduce in float32; with bf16 weights the residual stream is bf16 too
+    # imported here, not at the top: torch.distributed.tensor is slow to import, and only FSDP needs it
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_optimizer_state_dict)
     mesh = init_device_mesh(device_type, (ddp_world_size,))
     mp_policy = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in model.transformer.h:
@@ -492,7 +493,7 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     if local_iter_num == 0 and master_process:  # what FSDP divides by the number of processes
-        local = [t.to_local() if isinstance(t, DTensor) else t for p in raw_model.parameters()
+        local = [t.to_local() if fsdp and isinstance(t, DTensor) else t for p in raw_model.parameters()
                  for t in (p, p.grad, *optimizer.state[p].values()) if t is not None]
         megabytes = sum(t.numel() * t.element_size() for t in local) / 2**20
         print(f"weights, gradients and AdamW state: {megabytes:.3f} MiB in this process")
