@@ -201,15 +201,15 @@ def onehot_moe(layer, x):
     combine = (weight.unsqueeze(-1) * F.one_hot(slot, cap).unsqueeze(2)).sum(0)  # (N, E, cap)
     dispatch = combine.bool().to(x.dtype)  # (N, E, cap)
     x_in = dispatch.view(N, E * cap).t() @ x  # (E*cap, C)
-    out = layer.experts(x_in.view(E, cap, C))  # (E, cap, C)
-    return (combine.view(N, E * cap).to(out.dtype) @ out.view(E * cap, C)).view(B, T, C)
+    out = layer.experts(x_in)  # (E*cap, C), the padded layout
+    return (combine.view(N, E * cap).to(out.dtype) @ out).view(B, T, C)
 
 
 def loop_moe(layer, x):
     """ A Python loop over experts: each takes its first cap assignments in choice-major order, runs
     on them alone, and adds its gated outputs back to their tokens. """
     B, T, C = x.size()
-    N, E, k = B * T, layer.n_exp, layer.top_k
+    N, E = B * T, layer.n_exp
     x = x.view(N, C)
     gates, topk_idx, _ = layer.router(x)
     cap = layer.capacity(N)

@@ -9,10 +9,10 @@ References:
 4) Switch Transformer, Fedus et al. 2021: https://arxiv.org/abs/2101.03961
 5) ST-MoE, Zoph et al. 2022: https://arxiv.org/abs/2202.08906
 
-Shapes in the MoE code: B batch, T sequence length, N tokens in the forward call (B*T), C model dim,
-H expert hidden dim, E experts, k experts per token, cap slots per expert, R rows of the experts' input
-(k*N in the grouped layout, E*cap in the padded one; see use_grouped_mm). An assignment is one
-(token, choice) pair; there are k*N of them, numbered a = j*N + t (choice j of token t).
+Shapes: B batch, T sequence length, C model dim, nh heads of hs dims, S cached positions (generate). In the MoE
+code: N tokens in the forward call (B*T), H expert hidden dim, E experts, k experts per token, cap slots per
+expert, R rows of the experts' input (k*N in the grouped layout, E*cap in the padded one; see use_grouped_mm).
+An assignment is one (token, choice) pair; there are k*N of them, numbered a = j*N + t (choice j of token t).
 """
 
 import math
@@ -114,7 +114,7 @@ class Router(nn.Module):
             topk_logits, topk_idx = logits.topk(self.top_k, dim=-1)  # (N, k)
         else:  # the bias picks the experts; the gates come from the unbiased logits
             topk_idx = (logits + self.expert_bias).topk(self.top_k, dim=-1).indices  # (N, k)
-            topk_logits = logits.gather(-1, topk_idx)
+            topk_logits = logits.gather(-1, topk_idx)  # (N, k)
         if self.top_k == 1:  # Switch eq. (2): p_i(x), so the task loss trains the router (a softmax of one logit is 1)
             gates = probs.gather(-1, topk_idx)  # (N, 1)
         else:
@@ -139,13 +139,10 @@ class Router(nn.Module):
         return gates, topk_idx, tokens_per_expert
 
     @torch.no_grad()
-    def update_bias(self):
-        """ DeepSeek-V3 §2.1.2: b_e += gamma * sign(mean load - load_e), the load of one optimizer step,
-        summed over all processes when distributed (so every process keeps the same bias); then the next
-        step's count starts """
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.step_load)
-        load = self.step_load.float()
+    def update_bias(self, load):
+        """ DeepSeek-V3 §2.1.2: b_e += gamma * sign(mean load - load_e), load (E,) the tokens per expert of one
+        optimizer step (GPT.update_routing_bias); then the next step counts from zero """
+        load = load.float()
         self.expert_bias += self.bias_update_speed * torch.sign(load.mean() - load)
         self.step_load.zero_()
 
@@ -176,8 +173,8 @@ class MLPExperts(nn.Module):
         h = torch._grouped_mm(x.to(dtype), self.c_fc.to(dtype), offs=offs)  # (R, H)
         if self.fc_bias is not None:
             # expert of each row; index_select, whose backward is an index_add, not an index_put
-            row = torch.arange(x.size(0), device=x.device, dtype=offs.dtype)
-            row_expert = torch.searchsorted(offs, row, right=True)
+            row = torch.arange(x.size(0), device=x.device, dtype=offs.dtype)  # (R,)
+            row_expert = torch.searchsorted(offs, row, right=True)  # (R,)
             h = h + self.fc_bias.squeeze(1).index_select(0, row_expert).to(dtype)
         h = torch._grouped_mm(F.gelu(h), self.c_proj.to(dtype), offs=offs)  # (R, C)
         if self.proj_bias is not None:
@@ -204,7 +201,7 @@ def use_grouped_mm(device, dtype, compiling, sizes):
 
 
 class MOELayer(nn.Module):
-    """ Top-k routed experts with a capacity limit: routing -> dispatch (sort by expert, gather) -> experts -> combine """
+    """ Top-k routed experts with a capacity limit: routing, dispatch (sort by expert, gather), experts, combine """
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -261,8 +258,8 @@ class MOELayer(nn.Module):
         else:
             # R = E*cap rows, cap slots per expert: slot s of expert e holds e's s-th assignment, if e kept it
             offs = None
-            row = torch.arange(E * cap, device=x.device)
-            row_expert, slot = row // cap, row % cap
+            row = torch.arange(E * cap, device=x.device)  # (R,)
+            row_expert, slot = row // cap, row % cap  # (R,), (R,)
             row_kept = slot < kept_per_expert[row_expert]  # (R,)
             row_assignment = sorted_assignment[(expert_start[row_expert] + slot).clamp(max=k * N - 1)]  # (R,)
         row_token = row_assignment % N  # (R,)
@@ -328,7 +325,7 @@ class GPTConfig:
     switch_tfm_init_scale: float = 1.0  # Switch's s; they recommend 0.1
     router_use_full_prec: bool = False  # router in float32 under autocast
     # beyond the earlier nanoMoE
-    expert_hidden: int = 0  # each expert's hidden size; 0: 4 * n_embd. Smaller, more experts: fine-grained (DeepSeek-MoE)
+    expert_hidden: int = 0  # each expert's hidden size; 0: 4 * n_embd. Smaller, more: fine-grained (DeepSeek-MoE)
     n_shared_exp: int = 0  # experts every token uses besides its top_k (DeepSeek-MoE)
     use_aux_free_bias: bool = False  # aux-loss-free balancing by a routing bias (DeepSeek-V3)
     bias_update_speed: float = 0.001  # DeepSeek-V3's gamma: bias step per optimizer step
@@ -407,15 +404,14 @@ class GPT(nn.Module):
                 if b is not None:
                     torch.nn.init.zeros_(b)
 
-    def forward(self, idx, targets=None, cache=None, pos=None):  # cache, pos (t,): generate's, see there
+    def forward(self, idx, targets=None, cache=None, pos=None):  # cache, pos (T,): generate's, see there
         MANAGER.reset()  # nothing from an earlier step or mode may leak into this one
-        device = idx.device
-        b, t = idx.size()
-        assert t <= self.config.block_size, f"Cannot forward sequence of length {t}, block size is {self.config.block_size}"
-        pos = torch.arange(0, t, dtype=torch.long, device=device) if pos is None else pos  # shape (t)
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"cannot forward {T} tokens, the block size is {self.config.block_size}"
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device) if pos is None else pos  # (T,)
 
-        tok_emb = self.transformer.wte(idx)  # token embeddings of shape (b, t, n_embd)
-        pos_emb = self.transformer.wpe(pos)  # position embeddings of shape (t, n_embd)
+        tok_emb = self.transformer.wte(idx)  # token embeddings (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # position embeddings (T, C)
         x = self.transformer.drop(tok_emb + pos_emb)
         for i, block in enumerate(self.transformer.h):
             x = block(x) if cache is None else block(x, cache[i], pos)
@@ -446,18 +442,17 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, model_type, override_args=None):
         """ GPT-2 weights from Hugging Face: a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local directory
-        written by GPT2LMHeadModel.save_pretrained. override_args may set dropout and, with n_exp > 1, the MoE keys:
-        the dense GPT-2 is then upcycled. ValueError names a bad input """
-        override_args = dict(override_args or {})
-        moe_args = {k: override_args.pop(k) for k in list(override_args) if k != 'dropout'}
+        written by GPT2LMHeadModel.save_pretrained; override_args may set dropout. ValueError: unloadable weights """
+        override_args = override_args or {}
+        assert all(k == 'dropout' for k in override_args)  # only dropout can be overridden
         from transformers import GPT2LMHeadModel
         print(f"loading weights from pretrained gpt: {model_type}")
         try:
             model_hf = GPT2LMHeadModel.from_pretrained(model_type)
         except OSError as e:  # transformers' error for no network, an unknown name or a directory without the files
             reason = str(e).splitlines()[0].rstrip('.')
-            raise ValueError(f"cannot load GPT-2 weights '{model_type}' ({reason}): give --init_from a directory written "
-                             "by GPT2LMHeadModel.save_pretrained, or connect to the Hugging Face hub")
+            raise ValueError(f"cannot load GPT-2 weights '{model_type}' ({reason}): give --init_from a directory "
+                             "written by GPT2LMHeadModel.save_pretrained, or connect to the Hugging Face hub")
         hf = model_hf.config
         model = GPT(GPTConfig(n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, block_size=hf.n_positions,
                               vocab_size=hf.vocab_size, bias=True, **override_args))
@@ -472,7 +467,7 @@ class GPT(nn.Module):
                     v = v.t()
                 assert v.shape == sd[k].shape, f"{k}: {v.shape} vs {sd[k].shape}"
                 sd[k].copy_(v)
-        return model.upcycle(**moe_args) if moe_args.get('n_exp', 1) > 1 else model
+        return model
 
     @torch.no_grad()
     def upcycle(self, **moe_args):
@@ -500,10 +495,15 @@ class GPT(nn.Module):
         return moe
 
     def update_routing_bias(self):
-        """ the aux-loss-free bias of every router moves by its optimizer step's load: call after each step """
-        for m in self.modules():
-            if isinstance(m, Router) and m.expert_bias is not None:
-                m.update_bias()
+        """ Call after each optimizer step: every router's aux-loss-free bias moves by the step's load, summed over
+        the processes when distributed, so that all of them keep the same biases """
+        routers = [m for m in self.modules() if isinstance(m, Router) and m.expert_bias is not None]
+        if routers:
+            loads = torch.stack([router.step_load for router in routers])  # (MoE layers, E)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(loads)
+            for router, load in zip(routers, loads):
+                router.update_bias(load)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # weight decay on matmul weights and embeddings (2D and the stacked 3D expert weights);
@@ -515,7 +515,7 @@ class GPT(nn.Module):
                         {'params': nodecay_params, 'weight_decay': 0.0}]
         for kind, group in (('decayed', decay_params), ('non-decayed', nodecay_params)):
             print(f"num {kind} parameter tensors: {len(group)}, with {sum(p.numel() for p in group):,} parameters")
-        # fused AdamW where available, on CPU too: unfused it is a loop of small ops per tensor, and MoE models have many
+        # fused AdamW where available, CPU too: unfused it is a loop of small ops per tensor, and MoE models have many
         use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'cpu')
         extra_args = dict(fused=True) if use_fused else dict()
         optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
@@ -523,32 +523,32 @@ class GPT(nn.Module):
         return optimizer
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
-        """ model flops utilization (MFU) of the active parameters (a token runs top_k of n_exp experts) over peak_flops """
+        """ model flops utilization (MFU) of the active parameters (a token runs top_k of n_exp experts) """
         # see PaLM paper Appendix B as ref: https://arxiv.org/abs/2204.02311
         cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        flops_per_token = 6 * self.get_num_params(active=True) + 12 * L * H * Q * T
+        L, nh, hs, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * self.get_num_params(active=True) + 12 * L * nh * hs * T
         return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """ Complete idx (LongTensor (b,t)) by max_new_tokens tokens, each fed back in; use model.eval(). The prompt's
-        forward fills a key/value cache per block, later ones run the newest token alone. MoE layers route dropless, as
-        model(idx) with eval_capacity <= 0: a token's experts never depend on other tokens, so cached ones stay valid """
-        L, hs = self.config.block_size, self.config.n_embd // self.config.n_head
-        shape = (idx.size(0), self.config.n_head, min(L, idx.size(1) + max_new_tokens), hs)  # (B, nh, S, hs)
+        """ Complete idx (LongTensor (B, T)) by max_new_tokens tokens, each fed back in; use model.eval(). The prompt's
+        forward fills a key/value cache per block, later ones run the newest token alone. MoE layers route dropless,
+        as model(idx) with eval_capacity <= 0: a token's experts never depend on other tokens, so the cache holds """
+        block_size, hs = self.config.block_size, self.config.n_embd // self.config.n_head
+        shape = (idx.size(0), self.config.n_head, min(block_size, idx.size(1) + max_new_tokens), hs)  # (B, nh, S, hs)
         # zeros, not empty: slots not yet written get attention weight 0, and 0 * nan is nan
-        kw = dict(dtype=_compute_dtype(self.lm_head.weight), device=idx.device)  # c_attn's output dtype
-        cache = [(torch.zeros(shape, **kw), torch.zeros(shape, **kw)) for _ in self.transformer.h]
+        like = dict(dtype=_compute_dtype(self.lm_head.weight), device=idx.device)  # c_attn's output dtype
+        cache = [(torch.zeros(shape, **like), torch.zeros(shape, **like)) for _ in self.transformer.h]
         for i in range(max_new_tokens):
-            t = idx.size(1)
-            if i == 0 or t > L:
+            T = idx.size(1)
+            if i == 0 or T > block_size:
                 # the prompt, or past block_size nanoGPT's crop: the learned position embeddings shift
                 # with the crop and change every cached key and value, so each token past block_size
                 # costs a forward over the whole window, as in nanoGPT's loop
-                idx_cond, pos = idx[:, -L:], torch.arange(min(t, L), device=idx.device)
+                idx_cond, pos = idx[:, -block_size:], torch.arange(min(T, block_size), device=idx.device)
             else:
-                idx_cond, pos = idx[:, -1:], torch.tensor([t - 1], device=idx.device)
+                idx_cond, pos = idx[:, -1:], torch.tensor([T - 1], device=idx.device)
             logits, _ = self(idx_cond, cache=cache, pos=pos)
             logits = logits[:, -1, :] / temperature
             if top_k is not None:

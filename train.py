@@ -142,6 +142,11 @@ if n_exp == 1 and init_from == 'scratch':
     for key, default in moe_defaults.items():
         if config[key] != default:
             print(f"warning: {key}={config[key]} has no effect with n_exp=1 (a dense model)")
+if init_from == 'scratch':
+    try:
+        GPTConfig(**{k: config[k] for k in model_keys})
+    except ValueError as e:
+        fail(e)
 for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval'):
     if config[key] < 1:
         fail(f"{key}={config[key]} must be >= 1")
@@ -225,7 +230,8 @@ try:
         print("Initializing a new model from scratch")
         if meta_vocab_size is None:
             print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
-        model = GPT(GPTConfig(**{k: config[k] for k in model_keys}, vocab_size=meta_vocab_size or 50304))
+        vocab_size = meta_vocab_size if meta_vocab_size is not None else 50304
+        model = GPT(GPTConfig(**{k: config[k] for k in model_keys}, vocab_size=vocab_size))
     elif init_from == 'resume':
         print(f"Resuming training from {out_dir}")
         checkpoint = load_checkpoint(ckpt_path, map_location)
@@ -239,10 +245,10 @@ try:
         best_val_loss = checkpoint['best_val_loss']
         train_s = checkpoint.get('train_s', 0.0)  # checkpoints of the earlier nanoMoE have none
     else:
-        source = os.path.join(init_from, 'ckpt.pt')
-        if os.path.exists(source):
+        run_ckpt_path = os.path.join(init_from, 'ckpt.pt')
+        if os.path.exists(run_ckpt_path):
             print(f"Initializing from the weights of the run in {init_from}")
-            model = model_from_checkpoint(load_checkpoint(source, map_location), dropout=dropout)
+            model = model_from_checkpoint(load_checkpoint(run_ckpt_path, map_location), dropout=dropout)
         else:
             print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
             model = GPT.from_pretrained(init_from, dict(dropout=dropout))
@@ -272,8 +278,8 @@ if master_process and dropless and not use_grouped_mm(torch.device(device), ptdt
 if fsdp:
     # FSDP2 as its docs recommend: every Block a unit, gathered for its forward and backward, then the root
     # (embeddings, ln_f), on the mesh of train.py's device type (FSDP's default is the machine's accelerator).
-    # Weights compute in dtype, gradients reduce in float32; with bf16 weights the residual stream is bf16 too
-    # imported here, not at the top: torch.distributed.tensor is slow to import, and only FSDP needs it
+    # Weights compute in dtype, gradients reduce in float32; with bf16 weights the residual stream is bf16 too.
+    # Imported here, not at the top: torch.distributed.tensor is slow to import, and only FSDP needs it
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
     from torch.distributed.tensor import DTensor
@@ -291,14 +297,16 @@ else:
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # a no-op unless float16
 peak_flops = gpu_peak_flops(device) if device_type == 'cuda' else 0.0  # 0: no MFU
 
-# optimizer. The checkpoint names AdamW's parameters by index, as optimizer.state_dict(); FSDP's state-dict
-# functions by their names in the model: rekey maps one to the other
+def rekey(optim_state, key):
+    """ AdamW's state with its parameters renamed by key: the checkpoint names them by index, as
+    optimizer.state_dict() does, FSDP's state-dict functions by their names in the model """
+    return {'state': {key[k]: v for k, v in optim_state['state'].items()},
+            'param_groups': [{**g, 'params': [key[k] for k in g['params']]} for g in optim_state['param_groups']]}
+
+# optimizer
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 param_name = {p: n for n, p in model.named_parameters()}
 param_names = [param_name[p] for group in optimizer.param_groups for p in group['params']]
-def rekey(optim_state, key):
-    return {'state': {key[k]: v for k, v in optim_state['state'].items()},
-            'param_groups': [{**g, 'params': [key[k] for k in g['params']]} for g in optim_state['param_groups']]}
 if init_from == 'resume':
     if fsdp:  # from the full state every process read, each keeps its shard
         set_optimizer_state_dict(model, optimizer, rekey(checkpoint['optimizer'], dict(enumerate(param_names))),

@@ -24,7 +24,7 @@ def test_upcycled_gpt2_from_local_dir_has_the_dense_logits(tmp_path):
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=2, n_embd=32, n_positions=32, vocab_size=64)).save_pretrained(tmp_path)
     dense = GPT.from_pretrained(str(tmp_path)).eval()
-    moe = GPT.from_pretrained(str(tmp_path), dict(dropout=0.0, **DROPLESS)).eval()
+    moe = GPT.from_pretrained(str(tmp_path), dict(dropout=0.0)).upcycle(**DROPLESS).eval()
     assert [type(b.mlp).__name__ for b in moe.transformer.h] == ['MOELayer', 'MLP', 'MOELayer']
     idx = torch.randint(0, 64, (2, 32))
     with torch.no_grad():
@@ -71,30 +71,33 @@ def moe_layer(**kw):
 
 def test_bias_update_moves_toward_balance():
     layer = moe_layer(use_aux_free_bias=True, bias_update_speed=0.01)
-    layer.router.step_load.copy_(torch.tensor([10, 2, 2, 2]))
-    layer.router.update_bias()
+    layer.router.update_bias(torch.tensor([10, 2, 2, 2]))
     torch.testing.assert_close(layer.router.expert_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
-    layer.router.step_load.copy_(torch.tensor([4, 4, 4, 4]))  # balanced: no change
-    layer.router.update_bias()
+    layer.router.update_bias(torch.tensor([4, 4, 4, 4]))  # balanced: no change
     torch.testing.assert_close(layer.router.expert_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
 
 
-def test_router_counts_the_load_of_training_forwards_until_the_bias_update():
+def test_model_moves_each_routing_bias_by_the_load_of_the_steps_training_forwards():
     """ DeepSeek-V3's load is that of one optimizer step: every micro-batch's training forward, no eval """
-    layer = moe_layer(use_aux_free_bias=True)
-    x1, x2 = torch.randn(2, 8, 32), torch.randn(3, 8, 32)
-    expected = 0
-    for x in (x1, x2):
+    model = dense_gpt(n_exp=4, top_k=2, use_aux_free_bias=True, bias_update_speed=0.01, train_capacity=0.0)
+    expected = {0: 0, 2: 0}
+    for batch in (2, 3):  # two micro-batches
         with torch.no_grad():
-            layer(x)
-        expected = expected + MANAGER.routing[0][0]
-    layer.eval()
+            model(torch.randint(0, 64, (batch, 8)))
+        expected = {layer: expected[layer] + MANAGER.routing[layer][0] for layer in expected}
+    model.eval()
     with torch.no_grad():
-        layer(torch.randn(2, 8, 32))
-    assert torch.equal(layer.router.step_load, expected) and expected.sum() == 2 * (16 + 24)
-    layer.router.update_bias()
-    assert layer.router.step_load.sum() == 0  # the next step counts from zero
-    assert 'router.step_load' not in layer.state_dict()  # the checkpoint holds the bias only
+        model(torch.randint(0, 64, (2, 8)))
+    for layer, load in expected.items():
+        router = model.transformer.h[layer].mlp.router
+        assert torch.equal(router.step_load, load) and load.sum() == 2 * (16 + 24)
+    model.update_routing_bias()
+    for layer, load in expected.items():
+        router = model.transformer.h[layer].mlp.router
+        load = load.float()
+        torch.testing.assert_close(router.expert_bias, 0.01 * torch.sign(load.mean() - load))
+        assert router.step_load.sum() == 0  # the next step counts from zero
+    assert not any('step_load' in k for k in model.state_dict())  # the checkpoint holds the biases only
 
 
 def test_bias_balances_a_skewed_router():
@@ -109,7 +112,7 @@ def test_bias_balances_a_skewed_router():
             layer(x)
         tokens, _ = MANAGER.routing[0]
         shares.append(tokens.max().item() / tokens.sum().item())
-        layer.router.update_bias()
+        layer.router.update_bias(tokens)
     assert shares[0] > 0.45 and shares[-1] < 0.3  # at most 0.5 with top-2; balanced is 0.25
     assert layer.router.expert_bias[0] < 0 and layer.router.expert_bias[0] == layer.router.expert_bias.min()
 
