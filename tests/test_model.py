@@ -294,6 +294,27 @@ def test_compiled_moe_model_has_no_graph_breaks_or_recompiles():
     assert len(MANAGER.aux_loss) == 2  # the side effects of the compiled forward reach MANAGER
 
 
+def test_compiled_model_counts_the_routing_load_as_eager_and_moves_the_same_bias():
+    """ the aux-loss-free bias's step_load is a buffer the compiled forward adds to in place """
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    eager, model = tiny(use_aux_free_bias=True, use_aux_loss=False), tiny(use_aux_free_bias=True, use_aux_loss=False)
+    compiled = torch.compile(model, backend='aot_eager')
+    for step in range(2):
+        for seed in range(2):  # two micro-batches
+            for m in (eager, compiled):
+                m(*batch(seed=10 * step + seed))[1].backward()
+        routers = [(a.mlp.router, b.mlp.router) for a, b in zip(eager.transformer.h, model.transformer.h)
+                   if hasattr(a.mlp, 'router')]
+        assert all(torch.equal(a.step_load, b.step_load) and b.step_load.sum() > 0 for a, b in routers)
+        eager.update_routing_bias()
+        model.update_routing_bias()
+        assert all(torch.equal(a.expert_bias, b.expert_bias) and b.step_load.sum() == 0 for a, b in routers)
+    assert not counters['graph_break'], dict(counters['graph_break'])
+
+
 def test_compiled_generate_compiles_three_graphs_whatever_the_length():
     import torch._dynamo
     from torch._dynamo.utils import counters
