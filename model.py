@@ -9,7 +9,7 @@ References:
 4) Switch Transformer, Fedus et al. 2021: https://arxiv.org/abs/2101.03961
 5) ST-MoE, Zoph et al. 2022: https://arxiv.org/abs/2202.08906
 
-Shapes: B batch, T sequence length, C model dim, nh heads of hs dims, S cached positions (generate). In the MoE
+Shapes: B batch, T sequence length, C model dim, nh heads of hs dims, L layers, S cached positions. In the MoE
 code: N tokens in the forward call (B*T), H expert hidden dim, E experts, k experts per token, cap slots per
 expert, R rows of the experts' input (k*N in the grouped layout, E*cap in the padded one; see use_grouped_mm).
 An assignment is one (token, choice) pair; there are k*N of them, numbered a = j*N + t (choice j of token t).
