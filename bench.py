@@ -34,7 +34,7 @@ from model import GPTConfig, GPT, MLP, gpu_peak_flops
 from manager import MANAGER
 
 # -----------------------------------------------------------------------------
-mode = 'model'  # 'model': train steps of the model; 'layer': MoE layer vs baselines; 'step': dense vs MoE step; 'sample': generate
+mode = 'model'  # 'model': training steps; 'layer': MoE layer vs baselines; 'step': dense vs MoE; 'sample': generate
 batch_size = 12  # sequences per forward
 block_size = 1024  # tokens per sequence
 real_data = True  # True: batches from data/<dataset>/train.bin; False: random tokens
@@ -74,10 +74,11 @@ if profile and mode != 'model':
 if mode != 'model' and n_exp < 2:
     sys.exit(f"error: mode='{mode}' measures an MoE model: set --n_exp to 2 or more")
 if mode == 'sample' and not (1 <= prompt_len <= block_size and max_new_tokens >= 1):
-    sys.exit(f"error: mode='sample' needs 1 <= prompt_len <= block_size and max_new_tokens >= 1, got prompt_len={prompt_len}, "
-             f"block_size={block_size}, max_new_tokens={max_new_tokens}")
+    sys.exit(f"error: mode='sample' needs 1 <= prompt_len <= block_size and max_new_tokens >= 1, "
+             f"got prompt_len={prompt_len}, block_size={block_size}, max_new_tokens={max_new_tokens}")
 if mode == 'layer' and dropout > 0:
-    sys.exit(f"error: mode='layer' first checks that the formulations agree, which dropout={dropout} prevents: leave dropout at 0")
+    sys.exit(f"error: mode='layer' first checks that the formulations agree, which dropout={dropout} prevents: "
+             "leave dropout at 0")
 if dtype not in ('', 'float32', 'bfloat16', 'float16'):
     sys.exit(f"error: dtype='{dtype}' is not one of float32, bfloat16, float16 ('' picks one for the device)")
 torch.manual_seed(seed)
@@ -162,7 +163,8 @@ def make_model(n_exp, flop_equivalent=False):
         for block in model.transformer.h[::stride]:
             block.mlp = MLP(model.config, top_k * (expert_hidden or 4 * n_embd))
     model.to(device)
-    optimizer = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95), device_type=device_type)
+    optimizer = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95),
+                                           device_type=device_type)
     return model, torch.compile(model) if compile else model, optimizer
 
 
@@ -233,13 +235,16 @@ def loop_moe(layer, x):
 if mode == 'model':
     raw_model, model, optimizer = make_model(n_exp)
     if profile:
-        # useful docs on the torch profiler: https://pytorch.org/tutorials/intermediate/tensorboard_profiler_tutorial.html
+        # the torch profiler: https://pytorch.org/tutorials/intermediate/tensorboard_profiler_tutorial.html
         wait, warmup, active = 5, 5, 5
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device_type == 'cuda' else [])
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device_type == 'cuda':
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities,
                                     schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active, repeat=1),
                                     on_trace_ready=torch.profiler.tensorboard_trace_handler('./bench_log'),
-                                    record_shapes=False, profile_memory=False, with_stack=False, with_flops=True) as prof:
+                                    record_shapes=False, profile_memory=False, with_stack=False,
+                                    with_flops=True) as prof:
             for _ in range(wait + warmup + active):
                 train_step(model, optimizer, *get_batch())
                 prof.step()
@@ -252,7 +257,9 @@ if mode == 'model':
             X, Y = get_batch()
             times.append(timed(lambda: train_step(model, optimizer, X, Y)))
         dt = statistics.median(times)
-        mfu = f"MFU {raw_model.estimate_mfu(batch_size, dt, peak_flops) * 100:.2f}%" if peak_flops else "MFU n/a (set --peak_flops)"
+        mfu = "MFU n/a (set --peak_flops)"
+        if peak_flops:
+            mfu = f"MFU {raw_model.estimate_mfu(batch_size, dt, peak_flops) * 100:.2f}%"
         print(f"time per iteration: {dt * 1000:.2f}ms, {batch_size * block_size / dt:,.0f} tok/s, {mfu}")
         held = sum(t.numel() * t.element_size() for t in [*raw_model.parameters(),
                    *(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))])
@@ -309,7 +316,8 @@ elif mode == 'sample':
     print(f"greedy generate, batch {batch_size}, prompt {prompt_len}, {max_new_tokens} new tokens, "
           f"block_size {block_size}, {dtype}, tokens/s:")
     for name in models:
-        speed = {kind: batch_size * max_new_tokens / statistics.median(times[name, kind]) for kind in ('cached', 'recompute')}
+        speed = {kind: batch_size * max_new_tokens / statistics.median(times[name, kind])
+                 for kind in ('cached', 'recompute')}
         same = (tokens[name, 'cached'] == tokens[name, 'recompute'])[:, prompt_len:].float().mean().item()
         print(f"{name:>6}: cached {speed['cached']:8.1f}, recompute {speed['recompute']:8.1f}, "
               f"{speed['cached'] / speed['recompute']:5.2f}x; {same:.1%} of the tokens the same")
@@ -343,7 +351,8 @@ else:  # mode == 'layer'
     tol = 1e-5 if device_type == 'cpu' else 1e-2  # CUDA: TF32 matmuls round differently in each formulation
     for name in ('one-hot', 'loop'):
         diff = max((a - b).abs().max().item() / b.abs().max().item() for a, b in zip(results[name], results['ours']))
-        print(f"check: {name} agrees with ours to {diff:.1e} (relative, outputs and input grads), {dropped:.1%} dropped")
+        print(f"check: {name} agrees with ours to {diff:.1e} (relative, outputs and input grads), "
+              f"{dropped:.1%} dropped")
         if diff > tol:
             sys.exit(f"error: {name} disagrees with ours by {diff:.1e} > {tol:.0e}")
 

@@ -13,6 +13,6 @@ def gpt2_encoding():
     try:
         return tiktoken.get_encoding('gpt2')
     except OSError as e:  # requests' ConnectionError and the like: no network and no cached files
-        sys.exit(f"error: tiktoken cannot get GPT-2's BPE files ({type(e).__name__}): set TIKTOKEN_CACHE_DIR to a directory "
-                 "that holds them, filled on a machine with network by: TIKTOKEN_CACHE_DIR=<dir> python -c "
-                 "\"import tiktoken; tiktoken.get_encoding('gpt2')\"")
+        sys.exit(f"error: tiktoken cannot get GPT-2's BPE files ({type(e).__name__}): "
+                 "set TIKTOKEN_CACHE_DIR to a directory that holds them, filled on a machine with network by: "
+                 "TIKTOKEN_CACHE_DIR=<dir> python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"")

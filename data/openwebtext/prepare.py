@@ -44,7 +44,8 @@ def fail(message):
 
 
 def files_under(directory, extensions):
-    return sorted(os.path.join(root, name) for root, _, names in os.walk(directory) for name in names if name.endswith(extensions))
+    return sorted(os.path.join(root, name) for root, _, names in os.walk(directory)
+                  for name in names if name.endswith(extensions))
 
 
 def read_documents(paths):
@@ -54,7 +55,8 @@ def read_documents(paths):
         try:
             text = data.decode('utf-8')  # bytes, not text mode: '\r\n' stays as it is in the file
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it, or move it out of the directory") from None
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): "
+                             "convert it, or move it out of the directory") from None
         yield {'text': text}
 
 
@@ -75,9 +77,10 @@ if args.input is None:
         dataset = load_dataset('parquet', data_files=HUB_FILES, split='train', num_proc=args.num_proc)
     except Exception as e:  # the hub client's network errors differ between versions; all end here, named
         reason = str(e).split('\n')[0]
-        fail(f"cannot load OpenWebText from the Hugging Face hub ({type(e).__name__}: {reason}): "
-             f"connect to the network and unset HF_HUB_OFFLINE, or download its parquet files and pass --input=<their directory>")
-elif os.path.isdir(args.input) and any(os.path.exists(os.path.join(args.input, f)) for f in ('dataset_dict.json', 'state.json')):
+        fail(f"cannot load OpenWebText from the Hugging Face hub ({type(e).__name__}: {reason}): connect to the "
+             "network and unset HF_HUB_OFFLINE, or download its parquet files and pass --input=<their directory>")
+elif os.path.isdir(args.input) and any(os.path.exists(os.path.join(args.input, f))
+                                       for f in ('dataset_dict.json', 'state.json')):
     dataset = load_from_disk(args.input)
     if isinstance(dataset, DatasetDict):
         if 'train' not in dataset:

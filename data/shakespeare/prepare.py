@@ -33,7 +33,8 @@ if not os.path.exists(input_file_path):
     try:  # into a temporary file first: a failed download leaves no partial input.txt
         urllib.request.urlretrieve(URL, input_file_path + '.tmp')
     except OSError as e:
-        sys.exit(f"error: cannot download {URL} ({getattr(e, 'reason', e)}): download it yourself and pass --input=<path>")
+        sys.exit(f"error: cannot download {URL} ({getattr(e, 'reason', e)}): "
+                 "download it yourself and pass --input=<path>")
     os.replace(input_file_path + '.tmp', input_file_path)
 with open(input_file_path, encoding='utf-8') as f:
     data = f.read()

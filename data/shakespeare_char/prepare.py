@@ -18,7 +18,8 @@ URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshake
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--input', help="text file to use; default: input.txt next to the outputs, downloaded if missing")
-parser.add_argument('--out_dir', default=os.path.dirname(os.path.abspath(__file__)), help="where the .bin and meta.pkl go")
+parser.add_argument('--out_dir', default=os.path.dirname(os.path.abspath(__file__)),
+                    help="where the .bin and meta.pkl go")
 args = parser.parse_args()
 
 if args.input is not None and not os.path.isfile(args.input):
@@ -30,7 +31,8 @@ if not os.path.exists(input_file_path):
     try:  # into a temporary file first: a failed download leaves no partial input.txt
         urllib.request.urlretrieve(URL, input_file_path + '.tmp')
     except OSError as e:
-        sys.exit(f"error: cannot download {URL} ({getattr(e, 'reason', e)}): download it yourself and pass --input=<path>")
+        sys.exit(f"error: cannot download {URL} ({getattr(e, 'reason', e)}): "
+                 "download it yourself and pass --input=<path>")
     os.replace(input_file_path + '.tmp', input_file_path)
 with open(input_file_path, encoding='utf-8') as f:
     data = f.read()
