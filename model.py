@@ -505,6 +505,20 @@ class GPT(nn.Module):
             for router, load in zip(routers, loads):
                 router.update_bias(load)
 
+    def shard(self, device_type, param_dtype):
+        """ FSDP2 over all processes, as its docs recommend: every Block a unit, gathered for its forward and
+        backward, then the root (embeddings, ln_f). Weights compute in param_dtype, gradients reduce in float32 """
+        from torch.distributed.device_mesh import init_device_mesh  # slow to import, and only FSDP needs it
+        from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+        # the mesh of the training device type: FSDP's default is the machine's accelerator
+        mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
+        mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        for block in self.transformer.h:
+            if self.config.router_use_full_prec and hasattr(block.mlp, 'router'):
+                fully_shard(block.mlp.router, mesh=mesh)  # float32 weights: router_use_full_prec runs it in float32
+            fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+        fully_shard(self, mesh=mesh, mp_policy=mp_policy)
+
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # weight decay on matmul weights and embeddings (2D and the stacked 3D expert weights);
         # none on biases (the expert biases are 3D too) and LayerNorm gains
@@ -570,28 +584,6 @@ def gpu_peak_flops(device):
     """ the bf16 peak of a CUDA device, or 0.0 for a GPU not in GPU_PEAK_FLOPS: no MFU rather than a wrong one """
     name = torch.cuda.get_device_name(device)
     return next((flops for gpu, flops in GPU_PEAK_FLOPS.items() if gpu in name), 0.0)
-
-
-def load_checkpoint(path, device):
-    """ A checkpoint written by train.py; a missing, truncated or foreign file is a one-line ValueError """
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=False)
-    except FileNotFoundError:
-        raise ValueError(f"no checkpoint at {path}: train first, or point --out_dir at a run's directory")
-    except Exception as e:  # a truncated file, a permission, out of memory, ...: say which
-        message = str(e).strip().splitlines()
-        raise ValueError(f"{path} cannot be loaded: {type(e).__name__}{': ' + message[0] if message else ''}")
-    if not isinstance(checkpoint, dict) or not {'model', 'model_args'} <= set(checkpoint):
-        raise ValueError(f"{path} is not a nanoMoE checkpoint (it has no 'model' and 'model_args')")
-    return checkpoint
-
-
-def model_from_checkpoint(checkpoint, **override_args):
-    """ The GPT a train.py checkpoint describes, with its weights; override_args (dropout) change the config """
-    model = GPT(GPTConfig(**{**checkpoint['model_args'], **override_args}))
-    # torch.compile'd models save their parameters under an '_orig_mod.' prefix
-    model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
-    return model
 
 
 def _switch_init(w, fan_in, scale):

@@ -12,7 +12,8 @@ from contextlib import nullcontext
 
 import torch
 
-from model import GPT, load_checkpoint, model_from_checkpoint
+from model import GPT
+from checkpoint import load_checkpoint, model_from_checkpoint
 from tokenizer import gpt2_encoding
 
 # -----------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import time
 import atexit
 import pickle
 import signal
-import subprocess
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
@@ -26,7 +25,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
 
-from model import GPTConfig, GPT, load_checkpoint, model_from_checkpoint, use_grouped_mm, gpu_peak_flops
+from model import GPTConfig, GPT, use_grouped_mm, gpu_peak_flops
+from checkpoint import load_checkpoint, model_from_checkpoint, load_optimizer_state, save_checkpoint, trim_log, \
+    write_run_record
 from manager import MANAGER
 
 # -----------------------------------------------------------------------------
@@ -142,11 +143,6 @@ if n_exp == 1 and init_from == 'scratch':
     for key, default in moe_defaults.items():
         if config[key] != default:
             print(f"warning: {key}={config[key]} has no effect with n_exp=1 (a dense model)")
-if init_from == 'scratch':
-    try:
-        GPTConfig(**{k: config[k] for k in model_keys})
-    except ValueError as e:
-        fail(e)
 for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval'):
     if config[key] < 1:
         fail(f"{key}={config[key]} must be >= 1")
@@ -275,44 +271,17 @@ if master_process and dropless and not use_grouped_mm(torch.device(device), ptdt
     # a static shape must hold the worst case, every token on one expert (model.py, MOELayer)
     print(f"warning: dropless routing here runs the experts on padded slots for all N tokens each: "
           f"n_exp/top_k = {cfg.n_exp / cfg.top_k:.1f}x the expert FLOPs and memory of the N*top_k assignments")
-if fsdp:
-    # FSDP2 as its docs recommend: every Block a unit, gathered for its forward and backward, then the root
-    # (embeddings, ln_f), on the mesh of train.py's device type (FSDP's default is the machine's accelerator).
-    # Weights compute in dtype, gradients reduce in float32; with bf16 weights the residual stream is bf16 too.
-    # Imported here, not at the top: torch.distributed.tensor is slow to import, and only FSDP needs it
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_optimizer_state_dict)
-    mesh = init_device_mesh(device_type, (ddp_world_size,))
-    mp_policy = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    for block in model.transformer.h:
-        if cfg.router_use_full_prec and hasattr(block.mlp, 'router'):
-            fully_shard(block.mlp.router, mesh=mesh)  # float32 weights: router_use_full_prec runs the router in float32
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+if fsdp:  # weights in dtype: with bf16 weights the residual stream is bf16 too
+    model.shard(device_type, ptdtype)
 else:
     model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # a no-op unless float16
 peak_flops = gpu_peak_flops(device) if device_type == 'cuda' else 0.0  # 0: no MFU
 
-def rekey(optim_state, key):
-    """ AdamW's state with its parameters renamed by key: the checkpoint names them by index, as
-    optimizer.state_dict() does, FSDP's state-dict functions by their names in the model """
-    return {'state': {key[k]: v for k, v in optim_state['state'].items()},
-            'param_groups': [{**g, 'params': [key[k] for k in g['params']]} for g in optim_state['param_groups']]}
-
 # optimizer
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-param_name = {p: n for n, p in model.named_parameters()}
-param_names = [param_name[p] for group in optimizer.param_groups for p in group['params']]
 if init_from == 'resume':
-    if fsdp:  # from the full state every process read, each keeps its shard
-        set_optimizer_state_dict(model, optimizer, rekey(checkpoint['optimizer'], dict(enumerate(param_names))),
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(checkpoint['optimizer'])
+    load_optimizer_state(model, optimizer, checkpoint['optimizer'], fsdp)
     if checkpoint.get('scaler'):  # empty when the run was not float16; nanoGPT's checkpoints have none
         scaler.load_state_dict(checkpoint['scaler'])
 checkpoint = None  # free up memory
@@ -359,25 +328,6 @@ def get_lr(it):
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
     return min_lr + coeff * (learning_rate - min_lr)
 
-def save_checkpoint():
-    """ rank 0 writes to a temporary file and renames it over ckpt.pt: a kill mid-write leaves the old one """
-    global saved_iter
-    if fsdp:  # every process sends its shards; rank 0 receives the full state dicts, on the CPU
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(raw_model, options=options)
-        optim_state = get_optimizer_state_dict(raw_model, optimizer, options=options)
-        if not master_process:
-            return
-        optim_state = rekey(optim_state, {name: i for i, name in enumerate(param_names)})
-    else:
-        model_state, optim_state = raw_model.state_dict(), optimizer.state_dict()
-    checkpoint = dict(model=model_state, optimizer=optim_state, scaler=scaler.state_dict(), model_args=model_args,
-                      iter_num=iter_num, best_val_loss=best_val_loss, train_s=train_s, config=config)
-    print(f"saving checkpoint to {out_dir}")
-    torch.save(checkpoint, ckpt_path + '.tmp')
-    saved_iter = iter_num
-    os.replace(ckpt_path + '.tmp', ckpt_path)
-
 def checkpoint_status():
     return f"{ckpt_path} holds iter {saved_iter}" if saved_iter is not None else "no checkpoint yet"
 
@@ -414,32 +364,14 @@ def step_line(r):
         line += ", eta " + (f"{eta / 3600:.1f}h" if eta > 3600 else f"{eta / 60:.1f}m" if eta > 60 else f"{eta:.0f}s")
     return line
 
-def logged_iter(line):
-    """ the iteration of a log.jsonl line, None for one cut short by a crash mid-write """
-    try:
-        return json.loads(line)['iter']
-    except ValueError:
-        return None
-
 # a record of the run next to its log (config, versions, commit), and the log
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
-    if not eval_only:  # an eval leaves the record of the run in out_dir, if any, as it is
-        git = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        with open(os.path.join(out_dir, 'run.json'), 'w') as f:
-            json.dump(dict(config=config, model_args=model_args, torch=torch.__version__, python=sys.version.split()[0],
-                           git_commit=git.stdout.strip() or None, world_size=ddp_world_size, device=device,
-                           dtype=dtype), f, indent=1)
-    log_path = os.path.join(out_dir, 'log.jsonl')  # one JSON record per log line and eval
-    if not eval_only and os.path.exists(log_path):
-        # records from iter_num on are of steps (and an eval) this run does again, all of them for a new run:
-        # drop them, atomically, so that the log reads as that of one run that never stopped
-        with open(log_path) as f:
-            kept = [line for line in f if (it := logged_iter(line)) is not None and it < iter_num]
-        with open(log_path + '.tmp', 'w') as f:
-            f.writelines(kept)
-        os.replace(log_path + '.tmp', log_path)
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    if not eval_only:  # an eval leaves the run in out_dir, if any, as it is
+        write_run_record(out_dir, config=config, model_args=model_args, world_size=ddp_world_size, device=device,
+                         dtype=dtype)
+        trim_log(log_path, iter_num)
     log_file = open(log_path, 'a', buffering=1)  # line-buffered: every record is on disk when written
     if wandb_log:
         import wandb
@@ -477,7 +409,11 @@ while True:
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and not eval_only:
-                save_checkpoint()
+                if master_process:
+                    print(f"saving checkpoint to {out_dir}")
+                save_checkpoint(ckpt_path, raw_model, optimizer, fsdp, scaler=scaler.state_dict(), model_args=model_args,
+                                iter_num=iter_num, best_val_loss=best_val_loss, train_s=train_s, config=config)
+                saved_iter = iter_num
         t0 += time.time() - t_eval
     if eval_only:
         break
@@ -501,7 +437,7 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     if local_iter_num == 0 and master_process:  # what FSDP divides by the number of processes
-        local = [t.to_local() if fsdp and isinstance(t, DTensor) else t for p in raw_model.parameters()
+        local = [t.to_local() if hasattr(t, 'to_local') else t for p in raw_model.parameters()
                  for t in (p, p.grad, *optimizer.state[p].values()) if t is not None]
         megabytes = sum(t.numel() * t.element_size() for t in local) / 2**20
         print(f"weights, gradients and AdamW state: {megabytes:.3f} MiB in this process")

@@ -180,7 +180,7 @@ torch.save = dying_save
 
 
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(workdir, trained, tmp_path):
-    from model import load_checkpoint
+    from checkpoint import load_checkpoint
     out = tmp_path / 'out'
     shutil.copytree(trained, out)  # a checkpoint at iteration 4
     before = load_checkpoint(out / 'ckpt.pt', 'cpu')

@@ -1,0 +1,108 @@
+"""
+What a run keeps in its out_dir, written so that a run killed at any moment can resume from it:
+ckpt.pt, nanoGPT's checkpoint (model, optimizer, model_args, iter_num, best_val_loss, config) with the float16
+GradScaler's state and train_s; log.jsonl, one JSON record per log line and eval; and run.json, the record of
+the run (its config, the versions and the git commit that made it).
+Under FSDP the state is gathered whole on rank 0 and written as a single process would write it, so any run
+resumes on any number of processes.
+"""
+import os
+import sys
+import json
+import subprocess
+
+import torch
+
+from model import GPT, GPTConfig
+
+
+def load_checkpoint(path, device):
+    """ A checkpoint written by train.py; a missing, truncated or foreign file is a one-line ValueError """
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except FileNotFoundError:
+        raise ValueError(f"no checkpoint at {path}: train first, or point --out_dir at a run's directory")
+    except Exception as e:  # a truncated file, a permission, out of memory, ...: say which
+        message = str(e).strip().splitlines()
+        raise ValueError(f"{path} cannot be loaded: {type(e).__name__}{': ' + message[0] if message else ''}")
+    if not isinstance(checkpoint, dict) or not {'model', 'model_args'} <= set(checkpoint):
+        raise ValueError(f"{path} is not a nanoMoE checkpoint (it has no 'model' and 'model_args')")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, **override_args):
+    """ The GPT a train.py checkpoint describes, with its weights; override_args (dropout) change the config """
+    model = GPT(GPTConfig(**{**checkpoint['model_args'], **override_args}))
+    # torch.compile'd models save their parameters under an '_orig_mod.' prefix
+    model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
+    return model
+
+
+def _rekey(optim_state, key):
+    """ AdamW's state with its parameters renamed by key: ckpt.pt names them by index, as optimizer.state_dict()
+    does, FSDP's state-dict functions by their names in the model """
+    return {'state': {key[k]: v for k, v in optim_state['state'].items()},
+            'param_groups': [{**g, 'params': [key[k] for k in g['params']]} for g in optim_state['param_groups']]}
+
+
+def _param_names(model, optimizer):
+    """ the names of the optimizer's parameters in the model, in the optimizer's order: their indices in ckpt.pt """
+    name = {p: n for n, p in model.named_parameters()}
+    return [name[p] for group in optimizer.param_groups for p in group['params']]
+
+
+def load_optimizer_state(model, optimizer, optim_state, fsdp):
+    """ AdamW's state from ckpt.pt; under FSDP each process keeps its shard of the full state it read """
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, _rekey(optim_state, dict(enumerate(_param_names(model, optimizer)))),
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(optim_state)
+
+
+def save_checkpoint(path, model, optimizer, fsdp, **run_state):
+    """ Rank 0 writes ckpt.pt to a temporary file and renames it over path: a kill mid-write leaves the old one.
+    Under FSDP every process calls this, sending its shards to rank 0, which receives the full state on the CPU """
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(model, options=options)
+        optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+        if torch.distributed.get_rank() != 0:
+            return
+        optim_state = _rekey(optim_state, {name: i for i, name in enumerate(_param_names(model, optimizer))})
+    else:
+        model_state, optim_state = model.state_dict(), optimizer.state_dict()
+    torch.save(dict(model=model_state, optimizer=optim_state, **run_state), path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+def _logged_iter(line):
+    """ the iteration of a log.jsonl line, None for one cut short by a crash mid-write """
+    try:
+        return json.loads(line)['iter']
+    except ValueError:
+        return None
+
+
+def trim_log(path, iter_num):
+    """ Drop, atomically, log.jsonl's records from iter_num on: steps (and an eval) the run does again when it
+    resumes, all of them for a new run. The log then reads as that of one run that never stopped """
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if (it := _logged_iter(line)) is not None and it < iter_num]
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(kept)
+    os.replace(path + '.tmp', path)
+
+
+def write_run_record(out_dir, **setup):
+    """ run.json: the run's config and setup next to its log, with the versions and the git commit that made it """
+    git = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(out_dir, 'run.json'), 'w') as f:
+        json.dump(dict(**setup, torch=torch.__version__, python=sys.version.split()[0],
+                       git_commit=git.stdout.strip() or None), f, indent=1)
