@@ -3,8 +3,8 @@ What a run keeps in its out_dir, written so that a run killed at any moment can 
 ckpt.pt, nanoGPT's checkpoint (model, optimizer, model_args, iter_num, best_val_loss, config) with the float16
 GradScaler's state and train_s; log.jsonl, one JSON record per log line and eval; and run.json, the record of
 the run (its config, the versions and the git commit that made it).
-Under FSDP the state is gathered whole on rank 0 and written as a single process would write it, so any run
-resumes on any number of processes.
+Under FSDP the state is gathered whole on rank 0 and written as one process writes it: a checkpoint resumes under
+DDP, FSDP or one process alike.
 """
 import os
 import sys
@@ -75,6 +75,7 @@ def save_checkpoint(path, model, optimizer, fsdp, **run_state):
         optim_state = _rekey(optim_state, {name: i for i, name in enumerate(_param_names(model, optimizer))})
     else:
         model_state, optim_state = model.state_dict(), optimizer.state_dict()
+    print(f"saving checkpoint to {os.path.dirname(path)}")
     torch.save(dict(model=model_state, optimizer=optim_state, **run_state), path + '.tmp')
     os.replace(path + '.tmp', path)
 

@@ -289,9 +289,8 @@ checkpoint = None  # free up memory
 if compile:
     print("compiling the model... (takes a ~minute)")
     model = torch.compile(model)  # errors surface: nothing is suppressed
-# Every expert takes part in every step (one with no tokens runs on zero rows and gets a zero gradient): no
-# find_unused_parameters. No buffer broadcast: each router counts this process's tokens (step_load), and the
-# routing biases move by the loads of all processes, so they stay the same everywhere
+# No find_unused_parameters: every expert runs every step, on zero rows if it has no tokens. No buffer broadcast:
+# each router counts this process's tokens (step_load); the biases move by all processes' loads, the same everywhere
 if ddp and not fsdp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
 if master_process:
@@ -409,10 +408,9 @@ while True:
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and not eval_only:
-                if master_process:
-                    print(f"saving checkpoint to {out_dir}")
-                save_checkpoint(ckpt_path, raw_model, optimizer, fsdp, scaler=scaler.state_dict(), model_args=model_args,
-                                iter_num=iter_num, best_val_loss=best_val_loss, train_s=train_s, config=config)
+                save_checkpoint(ckpt_path, raw_model, optimizer, fsdp, scaler=scaler.state_dict(),
+                                model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, train_s=train_s,
+                                config=config)
                 saved_iter = iter_num
         t0 += time.time() - t_eval
     if eval_only:
