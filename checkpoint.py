@@ -51,8 +51,11 @@ def _param_names(model, optimizer):
     return [name[p] for group in optimizer.param_groups for p in group['params']]
 
 
-def load_optimizer_state(model, optimizer, optim_state, fsdp):
-    """ AdamW's state from ckpt.pt; under FSDP each process keeps its shard of the full state it read """
+def load_optimizer_state(model, optimizer, scaler, checkpoint, fsdp):
+    """ AdamW's and the GradScaler's state from ckpt.pt; under FSDP each process keeps its shard of the full state """
+    optim_state = checkpoint['optimizer']
+    if checkpoint.get('scaler'):  # empty when the run was not float16; nanoGPT's checkpoints have none
+        scaler.load_state_dict(checkpoint['scaler'])
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(model, optimizer, _rekey(optim_state, dict(enumerate(_param_names(model, optimizer)))),

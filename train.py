@@ -226,8 +226,7 @@ try:
         print("Initializing a new model from scratch")
         if meta_vocab_size is None:
             print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
-        vocab_size = meta_vocab_size if meta_vocab_size is not None else 50304
-        model = GPT(GPTConfig(**{k: config[k] for k in model_keys}, vocab_size=vocab_size))
+        model = GPT(GPTConfig(**{k: config[k] for k in model_keys}, vocab_size=meta_vocab_size or 50304))
     elif init_from == 'resume':
         print(f"Resuming training from {out_dir}")
         checkpoint = load_checkpoint(ckpt_path, map_location)
@@ -281,9 +280,7 @@ peak_flops = gpu_peak_flops(device) if device_type == 'cuda' else 0.0  # 0: no M
 # optimizer
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
-    load_optimizer_state(model, optimizer, checkpoint['optimizer'], fsdp)
-    if checkpoint.get('scaler'):  # empty when the run was not float16; nanoGPT's checkpoints have none
-        scaler.load_state_dict(checkpoint['scaler'])
+    load_optimizer_state(model, optimizer, scaler, checkpoint, fsdp)
 checkpoint = None  # free up memory
 
 if compile:
@@ -380,20 +377,17 @@ signal.signal(signal.SIGINT, on_interrupt)
 # training loop
 t0 = time.time()
 local_iter_num = 0  # number of iterations in the lifetime of this process
-running_mfu = -1.0
-dt_avg = None
+running_mfu, dt_avg = -1.0, None  # running averages of MFU and of the step time, once the loop has settled
 recent_losses = []  # the last few logged (iter, loss, aux, z), reported if the loss blows up
 while True:
     # dropout and router noise draw from an RNG seeded by (seed, rank, iteration): resume is exact
     torch.manual_seed(seed + 1_000_003 * iter_num + ddp_rank)
 
-    # determine and set the learning rate for this iteration
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
 
-    # evaluate the loss on train/val sets and write checkpoints; the step's time dt leaves this out.
-    # eval_only evaluates at once, also a run resumed between evals, and never trains or saves
+    # eval and checkpoint, outside the step's dt; eval_only evaluates at once, even between evals, then stops
     if (iter_num % eval_interval == 0 or eval_only) and (master_process or fsdp):
         if device_type == 'cuda':
             torch.cuda.synchronize()  # the last step's queued work belongs to its dt, not to the eval
@@ -466,8 +460,6 @@ while True:
                 for e, share in enumerate(shares)}})
     iter_num += 1
     local_iter_num += 1
-
-    # termination conditions
     if iter_num > max_iters:
         break
 
