@@ -1,5 +1,5 @@
 """
-What a run keeps in its out_dir, written so that a run killed at any moment can resume from it:
+What a run starts from and keeps in its out_dir, written so that a run killed at any moment can resume from it:
 ckpt.pt, nanoGPT's checkpoint (model, optimizer, model_args, iter_num, best_val_loss, config) with the float16
 GradScaler's state and train_s; log.jsonl, one JSON record per log line and eval; and run.json, the record of
 the run (its config, the versions and the git commit that made it).
@@ -14,6 +14,23 @@ import subprocess
 import torch
 
 from model import GPT, GPTConfig
+
+
+def check_run_dirs(init_from, out_dir, eval_only):
+    """ init_from names a model to start from, and out_dir can take this run: else a ValueError naming the fix """
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2') and not os.path.isdir(init_from):
+        raise ValueError(f"init_from='{init_from}' is not 'scratch', 'resume', a GPT-2 name (gpt2, gpt2-medium, "
+                         "gpt2-large, gpt2-xl) or a local GPT-2 directory")
+    if os.path.isdir(init_from) and os.path.abspath(init_from) == os.path.abspath(out_dir):
+        raise ValueError(f"init_from is out_dir '{out_dir}': use init_from='resume' to continue that run, "
+                         "or another --out_dir")
+    if init_from == 'resume' and not os.path.exists(ckpt_path):
+        raise ValueError(f"init_from='resume' but there is no checkpoint at {ckpt_path}: train with "
+                         "init_from='scratch' first, or set --out_dir")
+    if init_from != 'resume' and not eval_only and os.path.exists(ckpt_path):
+        raise ValueError(f"out_dir '{out_dir}' holds a run's checkpoint: continue it with --init_from=resume, "
+                         "or pick another --out_dir")
 
 
 def load_checkpoint(path, device):
@@ -38,6 +55,17 @@ def model_from_checkpoint(checkpoint, **override_args):
     return model
 
 
+def load_weights(init_from, device, dropout):
+    """ A new run's model: another run's (a directory with a ckpt.pt) or GPT-2's (a name or a save_pretrained
+    directory), with the given dropout """
+    run_ckpt_path = os.path.join(init_from, 'ckpt.pt')
+    if os.path.exists(run_ckpt_path):
+        print(f"Initializing from the weights of the run in {init_from}")
+        return model_from_checkpoint(load_checkpoint(run_ckpt_path, device), dropout=dropout)
+    print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
+    return GPT.from_pretrained(init_from, dict(dropout=dropout))
+
+
 def _rekey(optim_state, key):
     """ AdamW's state with its parameters renamed by key: ckpt.pt names them by index, as optimizer.state_dict()
     does, FSDP's state-dict functions by their names in the model """
@@ -54,7 +82,7 @@ def _param_names(model, optimizer):
 def load_optimizer_state(model, optimizer, scaler, checkpoint, fsdp):
     """ AdamW's and the GradScaler's state from ckpt.pt; under FSDP each process keeps its shard of the full state """
     optim_state = checkpoint['optimizer']
-    if checkpoint.get('scaler'):  # empty when the run was not float16; nanoGPT's checkpoints have none
+    if checkpoint.get('scaler'):  # an empty dict unless the run trains in float16; absent in nanoGPT's format
         scaler.load_state_dict(checkpoint['scaler'])
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -64,7 +92,7 @@ def load_optimizer_state(model, optimizer, scaler, checkpoint, fsdp):
         optimizer.load_state_dict(optim_state)
 
 
-def save_checkpoint(path, model, optimizer, fsdp, **run_state):
+def save_checkpoint(path, model, optimizer, scaler, fsdp, **run_state):
     """ Rank 0 writes ckpt.pt to a temporary file and renames it over path: a kill mid-write leaves the old one.
     Under FSDP every process calls this, sending its shards to rank 0, which receives the full state on the CPU """
     if fsdp:
@@ -79,7 +107,7 @@ def save_checkpoint(path, model, optimizer, fsdp, **run_state):
     else:
         model_state, optim_state = model.state_dict(), optimizer.state_dict()
     print(f"saving checkpoint to {os.path.dirname(path)}")
-    torch.save(dict(model=model_state, optimizer=optim_state, **run_state), path + '.tmp')
+    torch.save(dict(model=model_state, optimizer=optim_state, scaler=scaler.state_dict(), **run_state), path + '.tmp')
     os.replace(path + '.tmp', path)
 
 

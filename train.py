@@ -3,10 +3,7 @@ Trains a GPT, dense or MoE, on one device (GPU, CPU or Apple silicon, picked aut
 $ python train.py config/train_shakespeare_char_moe.py
 or with DDP on 4 GPUs of one node (add --fsdp=True to shard the model instead of copying it):
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_nano_moe.py
-On 2 nodes of 8 (the worker with --node_rank=1; gradient_accumulation_steps, the global count, a multiple of 16):
-$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 --master_port=1234 \
-    train.py config/train_nano_moe.py --gradient_accumulation_steps=48
-(If your cluster does not have Infiniband interconnect prepend NCCL_IB_DISABLE=1)
+On several nodes, see the README's Scaling section.
 """
 
 import os
@@ -26,8 +23,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
 
 from model import GPTConfig, GPT, use_grouped_mm, gpu_peak_flops
-from checkpoint import load_checkpoint, model_from_checkpoint, load_optimizer_state, save_checkpoint, trim_log, \
-    write_run_record
+from checkpoint import check_run_dirs, load_checkpoint, model_from_checkpoint, load_weights, load_optimizer_state, \
+    save_checkpoint, trim_log, write_run_record
 from manager import MANAGER
 
 # -----------------------------------------------------------------------------
@@ -109,8 +106,7 @@ def leave(code):
     can abort ("terminate called without an active exception"); the log is line-buffered, checkpoints renamed """
     if torch.distributed.is_initialized():
         destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        sys.stdout.flush()  # stderr is line-buffered
         os._exit(code)
     sys.exit(code)
 
@@ -136,9 +132,10 @@ data_dir = os.path.join('data', dataset)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
 # validate the config, the data and out_dir before any work: one line naming the problem and the fix
-if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2') and not os.path.isdir(init_from):
-    fail(f"init_from='{init_from}' is not 'scratch', 'resume', a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) "
-         "or a local GPT-2 directory")
+try:
+    check_run_dirs(init_from, out_dir, eval_only)
+except ValueError as e:
+    fail(e)
 if n_exp == 1 and init_from == 'scratch':
     for key, default in moe_defaults.items():
         if config[key] != default:
@@ -161,14 +158,6 @@ if fsdp and dtype == 'float16':
 if gradient_accumulation_steps % ddp_world_size != 0:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the {ddp_world_size} "
          "processes: make it a multiple")
-if os.path.isdir(init_from) and os.path.abspath(init_from) == os.path.abspath(out_dir):
-    fail(f"init_from is out_dir '{out_dir}': use init_from='resume' to continue that run, or another --out_dir")
-if init_from == 'resume' and not os.path.exists(ckpt_path):
-    fail(f"init_from='resume' but there is no checkpoint at {ckpt_path}: train with init_from='scratch' first, "
-         "or set --out_dir")
-if init_from != 'resume' and not eval_only and os.path.exists(ckpt_path):
-    fail(f"out_dir '{out_dir}' holds a run's checkpoint: continue it with --init_from=resume, "
-         "or pick another --out_dir")
 if not os.path.isdir(data_dir):
     names = sorted(d for d in os.listdir('data') if os.path.isdir(f'data/{d}') and d[0] not in '._') \
         if os.path.isdir('data') else []
@@ -214,8 +203,7 @@ def get_batch(split, it, micro):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
-# model init: from scratch, from a checkpoint (resume; or another run's weights, a new run), or from GPT-2's weights;
-# with n_exp > 1 a dense model is upcycled. A bad input anywhere here is a ValueError that names it
+# model init, from scratch, a run's checkpoint or GPT-2's weights (upcycled if n_exp > 1): a bad input is a ValueError
 iter_num, best_val_loss, checkpoint = 0, 1e9, None
 train_s = 0.0  # seconds of training steps so far (a first step's compile included), evals and checkpoints left out
 saved_iter = None  # the iteration out_dir's ckpt.pt holds
@@ -240,13 +228,7 @@ try:
         best_val_loss = checkpoint['best_val_loss']
         train_s = checkpoint.get('train_s', 0.0)  # checkpoints of the earlier nanoMoE have none
     else:
-        run_ckpt_path = os.path.join(init_from, 'ckpt.pt')
-        if os.path.exists(run_ckpt_path):
-            print(f"Initializing from the weights of the run in {init_from}")
-            model = model_from_checkpoint(load_checkpoint(run_ckpt_path, map_location), dropout=dropout)
-        else:
-            print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
-            model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+        model = load_weights(init_from, map_location, dropout)
         if n_exp > 1 and model.config.n_exp > 1:
             print(f"warning: the run in {init_from} is already MoE: its own MoE keys are used, not the given ones")
         elif n_exp > 1:
@@ -267,7 +249,6 @@ raw_model, cfg = model, model.config  # what we save: neither compiled nor wrapp
 dropless = cfg.n_exp > 1 and min(cfg.train_capacity, cfg.eval_capacity) <= 0
 if master_process and dropless and not use_grouped_mm(torch.device(device), ptdtype, compile,
                                                       (cfg.n_embd, cfg.expert_hidden or 4 * cfg.n_embd)):
-    # a static shape must hold the worst case, every token on one expert (model.py, MOELayer)
     print(f"warning: dropless routing here runs the experts on padded slots for all N tokens each: "
           f"n_exp/top_k = {cfg.n_exp / cfg.top_k:.1f}x the expert FLOPs and memory of the N*top_k assignments")
 if fsdp:  # weights in dtype: with bf16 weights the residual stream is bf16 too
@@ -286,8 +267,7 @@ checkpoint = None  # free up memory
 if compile:
     print("compiling the model... (takes a ~minute)")
     model = torch.compile(model)  # errors surface: nothing is suppressed
-# No find_unused_parameters: every expert runs every step, on zero rows if it has no tokens. No buffer broadcast:
-# each router counts this process's tokens (step_load); the biases move by all processes' loads, the same everywhere
+# every expert runs every step (no find_unused_parameters); routers count their own process's tokens (no broadcast)
 if ddp and not fsdp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
 if master_process:
@@ -320,7 +300,6 @@ def get_lr(it):
     if it >= lr_decay_iters:  # >=: the cosine below would end at min_lr too, and 0/0 if warmup_iters == lr_decay_iters
         return min_lr
     decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-    assert 0 <= decay_ratio <= 1
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
     return min_lr + coeff * (learning_rate - min_lr)
 
@@ -402,9 +381,8 @@ while True:
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and not eval_only:
-                save_checkpoint(ckpt_path, raw_model, optimizer, fsdp, scaler=scaler.state_dict(),
-                                model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, train_s=train_s,
-                                config=config)
+                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, fsdp, model_args=model_args, iter_num=iter_num,
+                                best_val_loss=best_val_loss, train_s=train_s, config=config)
                 saved_iter = iter_num
         t0 += time.time() - t_eval
     if eval_only:
@@ -453,18 +431,16 @@ while True:
             if peak_flops:
                 mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-        log(record, step_line(record),
-            {"iter": iter_num, "train/loss_step": record['loss'], "lr": lr,
-             **{f"moe/{k}": record[k] for k in ('aux', 'z', 'drop', 'top_share') if k in record},
-             **{f"load/layer{layer}/expert{e}": share for layer, (shares, _) in record.get('routing', {}).items()
-                for e, share in enumerate(shares)}})
+        log(record, step_line(record), {"iter": iter_num, "train/loss_step": record['loss'], "lr": lr,
+            **{f"moe/{k}": record[k] for k in ('aux', 'z', 'drop', 'top_share') if k in record},
+            **{f"load/layer{layer}/expert{e}": share for layer, (shares, _) in record.get('routing', {}).items()
+               for e, share in enumerate(shares)}})
     iter_num += 1
     local_iter_num += 1
     if iter_num > max_iters:
         break
 
 if master_process:
-    log_file.close()
     if not eval_only:
         print(f"best val loss {best_val_loss:.4f}; {checkpoint_status()}")
     if wandb_log:
