@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import GPTConfig, GPT, MLP, gpu_peak_flops
+from model import GPTConfig, GPT, MLP, gpu_peak_flops, pick_device
 from manager import MANAGER
 
 # -----------------------------------------------------------------------------
@@ -41,8 +41,8 @@ real_data = True  # True: batches from data/<dataset>/train.bin; False: random t
 dataset = 'openwebtext'
 vocab_size = 50304  # of the random tokens; real data takes data/<dataset>/meta.pkl's if it has one
 seed = 1337
-device = ''  # '' picks cuda if there, else cpu. Or 'cpu', 'cuda', 'cuda:1'
-dtype = ''  # '' picks bfloat16 where CUDA supports it, else float16 on CUDA, float32 on CPU
+device = ''  # '' picks cuda if there, else mps, else cpu. Or 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = ''  # '' picks bfloat16 where CUDA supports it, else float16 on CUDA, float32 elsewhere
 compile = torch.cuda.is_available()  # torch.compile what is timed (pays off on CUDA)
 profile = False  # mode='model': write a torch.profiler trace to ./bench_log instead of timing
 num_steps = 20  # timed steps, after 10 to warm up
@@ -82,9 +82,7 @@ if mode == 'layer' and dropout > 0:
 if dtype not in ('', 'float32', 'bfloat16', 'float16'):
     sys.exit(f"error: dtype='{dtype}' is not one of float32, bfloat16, float16 ('' picks one for the device)")
 torch.manual_seed(seed)
-device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-device_type = 'cuda' if 'cuda' in device else 'cpu'
-dtype = dtype or ('float32' if device_type == 'cpu' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16')
+device, device_type, dtype = pick_device(device, dtype)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
@@ -161,7 +159,7 @@ def make_model(n_exp, flop_equivalent=False):
     model = GPT(GPTConfig(**{**model_args, 'n_exp': n_exp}))
     if flop_equivalent:
         for block in model.transformer.h[::stride]:
-            block.mlp = MLP(model.config, top_k * (expert_hidden or 4 * n_embd))
+            block.mlp = MLP(model.config, top_k * model.config.expert_hidden_size)
     model.to(device)
     optimizer = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95),
                                            device_type=device_type)

@@ -7,13 +7,16 @@ Under FSDP the state is gathered whole on rank 0 and written as one process writ
 DDP, FSDP or one process alike.
 """
 import os
+import re
 import sys
 import json
+import pickle
 import subprocess
+from dataclasses import asdict
 
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, DENSE_KEYS, RUN_SETTINGS
 
 
 def check_run_dirs(init_from, out_dir, eval_only):
@@ -34,11 +37,18 @@ def check_run_dirs(init_from, out_dir, eval_only):
 
 
 def load_checkpoint(path, device):
-    """ A checkpoint written by train.py; a missing, truncated or foreign file is a one-line ValueError """
+    """ A checkpoint written by train.py (or nanoGPT, or the earlier nanoMoE): tensors and plain data only. torch.load
+    with weights_only=True unpickles nothing else, so a file from elsewhere cannot run code as it loads. A missing,
+    truncated, foreign or code-carrying file is a one-line ValueError """
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=False)
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"no checkpoint at {path}: train first, or point --out_dir at a run's directory")
+    except pickle.UnpicklingError as e:  # weights_only met something other than tensors and plain data
+        found = re.search(r'GLOBAL (\S+)', str(e))
+        raise ValueError(f"{path} holds a pickled object ({found[1] if found else 'not plain data'}) that could run "
+                         "code as it loads: refused. Load only checkpoints you made, or re-save its tensors and "
+                         "plain data from a trusted copy")
     except Exception as e:  # a truncated file, a permission, out of memory, ...: say which
         message = str(e).strip().splitlines()
         raise ValueError(f"{path} cannot be loaded: {type(e).__name__}{': ' + message[0] if message else ''}")
@@ -47,23 +57,48 @@ def load_checkpoint(path, device):
     return checkpoint
 
 
-def model_from_checkpoint(checkpoint, **override_args):
-    """ The GPT a train.py checkpoint describes, with its weights; override_args (dropout) change the config """
-    model = GPT(GPTConfig(**{**checkpoint['model_args'], **override_args}))
+def model_args_with(saved, given, source):
+    """ A saved model's GPTConfig args with the given ones (a config file's or the command line's) over them: a given
+    run setting (RUN_SETTINGS) replaces the saved one, and one line lists what changed; a given key that shapes the
+    weights must equal the saved one, else a ValueError. A key not given keeps its saved value """
+    args = {**asdict(GPTConfig()), **saved}  # the earlier nanoMoE saved no expert_hidden, n_shared_exp, ...
+    changed = []
+    for key, value in given.items():
+        if value == args[key]:
+            continue
+        if key not in RUN_SETTINGS:
+            raise ValueError(f"{key}={value} is not {source}'s {args[key]}, and of a saved model only the run "
+                             f"settings can change: leave {key} out or give --{key}={args[key]}")
+        changed.append(f"{key} {args[key]} -> {value}")
+        args[key] = value
+    if changed:
+        print(f"run settings given over {source}'s: {', '.join(changed)}")
+    return args
+
+
+def model_from_checkpoint(checkpoint, given=None, source='the checkpoint'):
+    """ The GPT a train.py checkpoint describes, with its weights, and the given keys as model_args_with applies them """
+    model = GPT(GPTConfig(**model_args_with(checkpoint['model_args'], given or {}, source)))
     # torch.compile'd models save their parameters under an '_orig_mod.' prefix
     model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
     return model
 
 
-def load_weights(init_from, device, dropout):
+def load_weights(init_from, device, given):
     """ A new run's model: another run's (a directory with a ckpt.pt) or GPT-2's (a name or a save_pretrained
-    directory), with the given dropout """
+    directory), with the given keys as model_args_with applies them; for a dense model only its dense keys, the others
+    being train.py's to upcycle it with """
     run_ckpt_path = os.path.join(init_from, 'ckpt.pt')
+    dense_given = {k: v for k, v in given.items() if k in DENSE_KEYS}
     if os.path.exists(run_ckpt_path):
         print(f"Initializing from the weights of the run in {init_from}")
-        return model_from_checkpoint(load_checkpoint(run_ckpt_path, device), dropout=dropout)
+        checkpoint = load_checkpoint(run_ckpt_path, device)
+        dense = checkpoint['model_args'].get('n_exp', 1) == 1
+        return model_from_checkpoint(checkpoint, dense_given if dense else given, init_from)
     print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
-    return GPT.from_pretrained(init_from, dict(dropout=dropout))
+    model = GPT.from_pretrained(init_from, {k: v for k, v in given.items() if k == 'dropout'})
+    model_args_with(asdict(model.config), dense_given, init_from)  # GPT-2's shape: the given keys must agree
+    return model
 
 
 def _rekey(optim_state, key):
@@ -94,7 +129,7 @@ def load_optimizer_state(model, optimizer, scaler, checkpoint, fsdp):
 
 def save_checkpoint(path, model, optimizer, scaler, fsdp, **run_state):
     """ Rank 0 writes ckpt.pt to a temporary file and renames it over path: a kill mid-write leaves the old one.
-    Under FSDP every process calls this, sending its shards to rank 0, which receives the full state on the CPU """
+    Every process calls this; under FSDP they send their shards to rank 0, which receives the full state on the CPU """
     if fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
@@ -104,6 +139,8 @@ def save_checkpoint(path, model, optimizer, scaler, fsdp, **run_state):
         if torch.distributed.get_rank() != 0:
             return
         optim_state = _rekey(optim_state, {name: i for i, name in enumerate(_param_names(model, optimizer))})
+    elif torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
     else:
         model_state, optim_state = model.state_dict(), optimizer.state_dict()
     print(f"saving checkpoint to {os.path.dirname(path)}")

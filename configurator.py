@@ -13,7 +13,7 @@ Stricter than nanoGPT's: a name a config file or --key=value sets that is not a 
 value of another type (an int is accepted for a float), stops the script with one line naming
 the key and the closest valid one. Helper names in a config file start with '_'; imported
 modules are ignored. On the command line a str key keeps the text of any value that is not a
-quoted string: --out_dir=2024 is '2024'.
+quoted string: --out_dir=2024 is '2024'. Afterwards `given_keys` names the keys that were set.
 """
 import sys
 import builtins
@@ -23,6 +23,8 @@ from ast import literal_eval
 
 
 def _configure(config, argv):
+    """ set config's keys from the config files and --key=value arguments in argv; returns the keys they set """
+    given = set()
     known = {k: v for k, v in config.items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
 
     def checked(key, value, where):
@@ -55,6 +57,7 @@ def _configure(config, argv):
                 if key.startswith('_') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
                     continue  # helpers, imports, functions
                 config[key] = checked(key, value, f"in {arg}")
+                given.add(key)
         else:
             # assume it's a --key=value argument
             if not arg.startswith('--'):
@@ -67,7 +70,9 @@ def _configure(config, argv):
             if isinstance(config.get(key), str) and not isinstance(value, str):
                 value = val  # the text, not str(value): --out_dir=1e3 stays '1e3', not '1000.0'
             config[key] = checked(key, value, "on the command line")
+            given.add(key)
             print(f"Overriding: {key} = {config[key]}")
+    return given
 
 
-_configure(globals(), sys.argv[1:])
+given_keys = _configure(globals(), sys.argv[1:])  # train.py: a saved model's settings the user gave anew

@@ -152,7 +152,7 @@ class MLPExperts(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        C, H, E = config.n_embd, config.expert_hidden or 4 * config.n_embd, config.n_exp
+        C, H, E = config.n_embd, config.expert_hidden_size, config.n_exp
         self.c_fc = nn.Parameter(torch.empty(E, C, H))
         self.c_proj = nn.Parameter(torch.empty(E, H, C))
         self.fc_bias = nn.Parameter(torch.empty(E, 1, H)) if config.bias else None
@@ -216,7 +216,7 @@ class MOELayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         # shared experts, DeepSeek-MoE §3.2 (https://arxiv.org/abs/2401.06066): every token uses
         # them; n_shared_exp experts of the routed width make one MLP n_shared_exp times as wide
-        n_shared_hidden = config.n_shared_exp * (config.expert_hidden or 4 * config.n_embd)
+        n_shared_hidden = config.n_shared_exp * config.expert_hidden_size
         self.shared_experts = MLP(config, n_shared_hidden) if config.n_shared_exp > 0 else None
 
     def capacity(self, N):
@@ -347,6 +347,21 @@ class GPTConfig:
             if self.expert_hidden < 0 or self.n_shared_exp < 0:
                 raise ValueError(f"expert_hidden={self.expert_hidden}, n_shared_exp={self.n_shared_exp} must be >= 0")
 
+    @property
+    def expert_hidden_size(self):
+        """ each expert's hidden size, H: expert_hidden, or GPT-2's 4 * n_embd where it is 0 """
+        return self.expert_hidden or 4 * self.n_embd
+
+
+# GPTConfig's fields by what they are to a saved model. Those a dense model reads (nanoGPT's and the Switch init);
+# the others, n_exp on, only MoE layers read
+DENSE_KEYS = ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'bias', 'use_switch_tfm_init',
+              'switch_tfm_init_scale')
+# settings of a run, not of its weights: a resumed, evaluated or finetuned model takes the ones given
+# (checkpoint.model_args_with). top_k is not one: the weights were trained to mix k experts' outputs
+RUN_SETTINGS = ('dropout', 'train_capacity', 'eval_capacity', 'min_capacity', 'use_aux_loss', 'aux_loss_weight',
+                'use_router_z_loss', 'router_z_loss_weight', 'bias_update_speed', 'router_use_full_prec')
+
 
 class GPT(nn.Module):
 
@@ -476,7 +491,7 @@ class GPT(nn.Module):
         top_k >= 2 it computes what the dense model does: a token's k gates sum to 1 over k equal experts. With
         top_k = 1 each MoE block's output starts as its MLP's scaled by the gate p_i(x) < 1 (Switch eq. 2). """
         config = GPTConfig(**{**asdict(self.config), **moe_args})
-        if config.expert_hidden not in (0, 4 * config.n_embd) or config.n_shared_exp:
+        if config.expert_hidden_size != 4 * config.n_embd or config.n_shared_exp:
             raise ValueError("upcycling copies the dense MLP into each expert: "
                              "leave expert_hidden=0 and n_shared_exp=0")
         moe = GPT(config).to(self.lm_head.weight.device)
@@ -494,11 +509,15 @@ class GPT(nn.Module):
                     experts.proj_bias.copy_(mlp.c_proj.bias.expand_as(experts.proj_bias))
         return moe
 
-    def update_routing_bias(self):
+    def update_routing_bias(self, skipped=False):
         """ Call after each optimizer step: every router's aux-loss-free bias moves by the step's load, summed over
-        the processes when distributed, so that all of them keep the same biases """
+        the processes when distributed, so that all of them keep the same biases. A step the float16 GradScaler
+        skipped (inf or nan gradients) moved no weight: its load is dropped and no bias moves """
         routers = [m for m in self.modules() if isinstance(m, Router) and m.expert_bias is not None]
-        if routers:
+        if skipped:
+            for router in routers:
+                router.step_load.zero_()
+        elif routers:
             loads = torch.stack([router.step_load for router in routers])  # (MoE layers, E)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(loads)
@@ -578,6 +597,18 @@ class GPT(nn.Module):
 # these); the first name that occurs in the GPU's name wins
 GPU_PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200 NVL': 835e12, 'H200': 989e12,
                   'A100': 312e12}
+
+
+def pick_device(device='', dtype=''):
+    """ The scripts' device and dtype, each as given or, where '', picked: CUDA if there, else Apple's mps, else the
+    CPU; bfloat16 where CUDA supports it, else float16 on CUDA (with a GradScaler), float32 elsewhere.
+    Returns (device, device_type, dtype) """
+    if not device:
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+    if not dtype:
+        dtype = 'float32' if device_type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    return device, device_type, dtype
 
 
 def gpu_peak_flops(device):

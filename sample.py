@@ -1,6 +1,7 @@
 """
 Sample from a trained model (dense or MoE) or from OpenAI's GPT-2.
 $ python sample.py --out_dir=out-shakespeare-char          # a checkpoint written by train.py
+$ python sample.py --init_from=out-shakespeare-char        # the same, as train.py names another run
 $ python sample.py --init_from=gpt2-xl --start="FILE:prompt.txt" --num_samples=5 --max_new_tokens=100
 Run it from the repository root: a character-level checkpoint decodes with
 data/<dataset>/meta.pkl, looked up from the current directory; other checkpoints with GPT-2 BPE.
@@ -12,12 +13,12 @@ from contextlib import nullcontext
 
 import torch
 
-from model import GPT
+from model import GPT, pick_device
 from checkpoint import load_checkpoint, model_from_checkpoint
 from tokenizer import gpt2_encoding
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'  # 'resume' (from out_dir/ckpt.pt), a GPT-2 name ('gpt2', 'gpt2-xl', ...) or a save_pretrained dir
+init_from = 'resume'  # 'resume' (out_dir's ckpt.pt), a run's out_dir, a GPT-2 name ('gpt2', ...) or save_pretrained dir
 out_dir = 'out'  # the run directory to resume from, when init_from == 'resume'
 start = "\n"  # prompt text, or "FILE:prompt.txt" to read it from a file
 num_samples = 10  # number of samples to draw
@@ -26,7 +27,7 @@ max_new_tokens = 500  # tokens generated per sample
 temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random
 top_k = 200  # sample from the top_k most likely tokens only
 seed = 1337
-device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device = ''  # '' picks: cuda if there, else mps, else cpu. Or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = ''  # '' picks: bfloat16 where CUDA supports it, else float16 on CUDA, float32 elsewhere
 compile = False  # torch.compile the model: slower start, faster tokens
 # the configurator lives beside this script, whatever the current directory
@@ -37,12 +38,10 @@ torch.manual_seed(seed)
 torch.cuda.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
-device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'  # for later use in torch.autocast
 dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 if dtype not in ('', *dtypes):
     sys.exit(f"error: dtype='{dtype}' is not one of {', '.join(dtypes)} ('' picks one for the device)")
-if not dtype:
-    dtype = 'float32' if device_type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+device, device_type, dtype = pick_device(device, dtype)
 for name, value in (('num_samples', num_samples), ('max_new_tokens', max_new_tokens), ('top_k', top_k)):
     if value < 1:
         sys.exit(f"error: {name}={value} must be >= 1")
@@ -54,22 +53,24 @@ ptdtype = dtypes[dtype]
 # autocast on every device, CPU included, as train.py does: --dtype=bfloat16 samples the way it trained
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-# model
-checkpoint = None
-if init_from == 'resume':
-    try:
-        checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device)
+# model: a run's, with the settings it trained with (generate routes dropless, without capacity or losses), or GPT-2's
+dataset = None  # the run's, whose meta.pkl decodes a character-level model
+if init_from == 'resume' or os.path.exists(os.path.join(init_from, 'ckpt.pt')):
+    try:  # on the CPU: AdamW's state, twice the model's size, never reaches the device
+        checkpoint = load_checkpoint(os.path.join(out_dir if init_from == 'resume' else init_from, 'ckpt.pt'), 'cpu')
         model = model_from_checkpoint(checkpoint)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    dataset = checkpoint.get('config', {}).get('dataset')
+    del checkpoint  # keep only the model in memory
 elif init_from.startswith('gpt2') or os.path.isdir(init_from):
     try:
         model = GPT.from_pretrained(init_from, dict(dropout=0.0))
     except ValueError as e:
         sys.exit(f"error: {e}")
 else:
-    sys.exit(f"error: init_from='{init_from}' is neither 'resume' nor a GPT-2 model: use 'resume', 'gpt2', "
-             "'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a save_pretrained directory")
+    sys.exit(f"error: init_from='{init_from}' is neither 'resume', a run's out_dir nor a GPT-2 model: use 'resume', "
+             "a directory holding a ckpt.pt, 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a save_pretrained directory")
 model.eval()
 model.to(device)
 if compile:
@@ -88,9 +89,7 @@ if not start:
     sys.exit("error: the prompt is empty: give --start some text, e.g. --start=ROMEO:")
 
 # tokenizer: the character-level one of the checkpoint's dataset if it has one, else GPT-2's
-meta_path = None
-if checkpoint is not None and 'dataset' in checkpoint.get('config', {}):
-    meta_path = os.path.join('data', checkpoint['config']['dataset'], 'meta.pkl')
+meta_path = os.path.join('data', dataset, 'meta.pkl') if dataset else None
 if meta_path is not None and os.path.exists(meta_path):
     print(f"Loading meta from {meta_path}...")
     with open(meta_path, 'rb') as f:

@@ -22,7 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
 
-from model import GPTConfig, GPT, use_grouped_mm, gpu_peak_flops
+from model import GPTConfig, GPT, DENSE_KEYS, use_grouped_mm, gpu_peak_flops, pick_device
 from checkpoint import check_run_dirs, load_checkpoint, model_from_checkpoint, load_weights, load_optimizer_state, \
     save_checkpoint, trim_log, write_run_record
 from manager import MANAGER
@@ -94,8 +94,7 @@ compile = torch.cuda.is_available()  # use PyTorch 2.0 to compile the model to b
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 model_keys = [f.name for f in fields(GPTConfig) if f.name in globals()]  # all but vocab_size, which the data sets
-dense_keys = ('block_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'bias', 'n_exp')
-moe_defaults = {k: globals()[k] for k in model_keys if k not in dense_keys}  # the keys only an MoE model reads
+moe_defaults = {k: globals()[k] for k in model_keys if k not in DENSE_KEYS}  # the keys only an MoE model reads
 # overrides from the command line or a config file
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}  # will be useful for logging
@@ -120,14 +119,10 @@ ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
 ddp_rank, ddp_local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
 ddp_world_size = int(os.environ.get('WORLD_SIZE', 1))
 master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
-if not device:
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+device, device_type, dtype = pick_device(device, dtype)
 if ddp and device_type == 'cuda' and torch.cuda.is_available():
     device = f'cuda:{ddp_local_rank}'
     torch.cuda.set_device(device)
-if not dtype:
-    dtype = 'float32' if device_type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
 data_dir = os.path.join('data', dataset)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
@@ -136,10 +131,6 @@ try:
     check_run_dirs(init_from, out_dir, eval_only)
 except ValueError as e:
     fail(e)
-if n_exp == 1 and init_from == 'scratch':
-    for key, default in moe_defaults.items():
-        if config[key] != default:
-            print(f"warning: {key}={config[key]} has no effect with n_exp=1 (a dense model)")
 for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval'):
     if config[key] < 1:
         fail(f"{key}={config[key]} must be >= 1")
@@ -169,16 +160,12 @@ for split in ('train', 'val'):
         prepare = f"data/{dataset}/prepare.py" if os.path.exists(f'{data_dir}/prepare.py') else \
             f"data/openwebtext/prepare.py --input=<your documents> --out_dir={data_dir}"
         fail(f"{path} not found: run python {prepare} first")
-    if os.path.getsize(path) // 2 < block_size + 1:
-        fail(f"{path} has {os.path.getsize(path) // 2} tokens, fewer than block_size + 1 = {block_size + 1}: "
-             "use a smaller --block_size or more data")
 
 # various inits, derived attributes, I/O setup
 if ddp:
     init_process_group(backend=backend or ('nccl' if device_type == 'cuda' else 'gloo'))
     atexit.register(destroy_process_group)  # on every way out, errors included: no process group left to die at exit
     gradient_accumulation_steps //= ddp_world_size  # the global count: each process runs its share
-tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
@@ -203,7 +190,10 @@ def get_batch(split, it, micro):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
-# model init, from scratch, a run's checkpoint or GPT-2's weights (upcycled if n_exp > 1): a bad input is a ValueError
+# model init, from scratch, a run's checkpoint or GPT-2's weights (upcycled if n_exp > 1): a bad input is a ValueError.
+# A saved model keeps its keys but those given in a config file or on the command line: its run settings take the given
+# values (model.RUN_SETTINGS: capacities, loss weights, dropout, ...), a key that shapes the weights must stay the same
+given = {k: config[k] for k in model_keys if k in given_keys}
 iter_num, best_val_loss, checkpoint = 0, 1e9, None
 train_s = 0.0  # seconds of training steps so far (a first step's compile included), evals and checkpoints left out
 saved_iter = None  # the iteration out_dir's ckpt.pt holds
@@ -219,22 +209,20 @@ try:
         print(f"Resuming training from {out_dir}")
         checkpoint = load_checkpoint(ckpt_path, map_location)
         saved_block_size = checkpoint['model_args']['block_size']
-        if block_size != saved_block_size:  # cropping would leave AdamW's state for wpe at the old size
+        if given.get('block_size', saved_block_size) != saved_block_size:  # a crop would leave AdamW's wpe state
             raise ValueError(f"block_size={block_size} is not the checkpoint's {saved_block_size}: resume with "
                              f"--block_size={saved_block_size}, or start a new run from its weights with "
                              f"--init_from={out_dir} --out_dir=<a new directory>")
-        model = model_from_checkpoint(checkpoint, dropout=dropout)  # every key the checkpoint's but dropout, as nanoGPT
+        model = model_from_checkpoint(checkpoint, given)
         iter_num = saved_iter = checkpoint['iter_num']
         best_val_loss = checkpoint['best_val_loss']
         train_s = checkpoint.get('train_s', 0.0)  # checkpoints of the earlier nanoMoE have none
-    else:
-        model = load_weights(init_from, map_location, dropout)
-        if n_exp > 1 and model.config.n_exp > 1:
-            print(f"warning: the run in {init_from} is already MoE: its own MoE keys are used, not the given ones")
-        elif n_exp > 1:
-            model = model.upcycle(n_exp=n_exp, **{k: config[k] for k in moe_defaults})
+    else:  # a new run: block_size may shrink (cropped below); a dense model given n_exp > 1 is upcycled
+        model = load_weights(init_from, map_location, {k: v for k, v in given.items() if k != 'block_size'})
+        if model.config.n_exp == 1 and n_exp > 1:
+            model = model.upcycle(**{k: config[k] for k in moe_defaults})
             print(f"upcycled: every expert starts as a copy of its block's MLP ({n_exp} experts, top_k={top_k})")
-        if block_size > model.config.block_size:
+        if given.get('block_size', 0) > model.config.block_size:
             raise ValueError(f"block_size={block_size} is larger than {init_from}'s {model.config.block_size}: "
                              f"use --block_size={model.config.block_size} or less")
     if meta_vocab_size is not None and meta_vocab_size != model.config.vocab_size:
@@ -242,10 +230,23 @@ try:
                          f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
 except ValueError as e:
     fail(e)
-if block_size < model.config.block_size:  # model surgery, e.g. GPT-2's 1024 down to a shorter context
+if given.get('block_size', model.config.block_size) < model.config.block_size:  # e.g. GPT-2's 1024 to a shorter one
     model.crop_block_size(block_size)
 model_args = asdict(model.config)  # what the checkpoint needs to build the model again
 raw_model, cfg = model, model.config  # what we save: neither compiled nor wrapped
+# what runs is what the run records (ckpt.pt's config, run.json): the model's keys, given or saved
+config.update({k: model_args[k] for k in model_keys})
+block_size = cfg.block_size
+if cfg.n_exp == 1:
+    for key, default in moe_defaults.items():
+        if key in given and config[key] != default:
+            print(f"warning: {key}={config[key]} has no effect with n_exp=1 (a dense model)")
+for split in ('train', 'val'):
+    path = os.path.join(data_dir, f'{split}.bin')
+    if os.path.getsize(path) // 2 < block_size + 1:
+        fail(f"{path} has {os.path.getsize(path) // 2} tokens, fewer than block_size + 1 = {block_size + 1}: "
+             "use a smaller --block_size or more data")
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 dropless = cfg.n_exp > 1 and min(cfg.train_capacity, cfg.eval_capacity) <= 0
 if master_process and dropless and not use_grouped_mm(torch.device(device), ptdtype, compile,
                                                       (cfg.n_embd, cfg.expert_hidden or 4 * cfg.n_embd)):
@@ -277,18 +278,23 @@ if master_process:
 
 @torch.no_grad()
 def estimate_loss():
-    """ the mean loss of eval_iters batches per split. Under DDP the master evaluates alone, on the bare module:
-    DDP's forward is for the steps all processes take. Under FSDP every process evaluates, gathering the shards """
+    """ The mean loss of eval_iters batches per split, each process evaluating every ddp_world_size-th batch. One
+    all-reduce gathers the losses: every process gets the means one process computes, and so all decide alike whether
+    to save. Under DDP on the bare module (DDP's forward is for training steps); under FSDP every process runs as many
+    forwards (each gathers the shards), a last one past eval_iters not counted """
     out = {}
     eval_model = model.module if isinstance(model, DDP) else model
     eval_model.eval()  # eval mode: CE alone, eval capacity, no dropout or router noise
     for split in ['train', 'val']:
-        losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
-            X, Y = get_batch(split, iter_num, k)
+        losses = torch.zeros(eval_iters, device=device)
+        for k in range(ddp_rank, math.ceil(eval_iters / ddp_world_size) * ddp_world_size, ddp_world_size):
+            X, Y = get_batch(split, iter_num, min(k, eval_iters - 1))
             with ctx:
                 logits, loss = eval_model(X, Y)
-            losses[k] = loss.item()
+            if k < eval_iters:
+                losses[k] = loss
+        if ddp:
+            torch.distributed.all_reduce(losses)  # each batch's loss plus zeros: exact
         out[split] = losses.mean().item()
     eval_model.train()
     return out
@@ -319,9 +325,10 @@ def stop_if_not_finite(loss, message):
         fail(f"{message}; the last good checkpoint is kept. Last logged losses (iter, loss, aux, z): {recent_losses}")
 
 def log(record, line, wandb_stats):
-    """ one log line on stdout, its record in log.jsonl, and the same numbers in wandb """
+    """ one log line on stdout, its record in log.jsonl (if this run keeps one), and the same numbers in wandb """
     print(line)
-    log_file.write(json.dumps(record) + '\n')
+    if log_file is not None:
+        log_file.write(json.dumps(record) + '\n')
     if wandb_log:
         wandb.log(wandb_stats)
 
@@ -347,7 +354,9 @@ if master_process:
         write_run_record(out_dir, config=config, model_args=model_args, world_size=ddp_world_size, device=device,
                          dtype=dtype)
         trim_log(log_path, iter_num)
-    log_file = open(log_path, 'a', buffering=1)  # line-buffered: every record is on disk when written
+    # line-buffered: every record is on disk when written. A log holds one run's records: the eval of another model
+    # than the run in out_dir is printed only
+    log_file = open(log_path, 'a', buffering=1) if init_from == 'resume' or not os.path.exists(ckpt_path) else None
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
@@ -367,7 +376,7 @@ while True:
         param_group['lr'] = lr
 
     # eval and checkpoint, outside the step's dt; eval_only evaluates at once, even between evals, then stops
-    if (iter_num % eval_interval == 0 or eval_only) and (master_process or fsdp):
+    if iter_num % eval_interval == 0 or eval_only:
         if device_type == 'cuda':
             torch.cuda.synchronize()  # the last step's queued work belongs to its dt, not to the eval
         t_eval = time.time()
@@ -404,6 +413,7 @@ while True:
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scale = scaler.get_scale()  # 1.0 unless float16
     scaler.step(optimizer)
     scaler.update()
     if local_iter_num == 0 and master_process:  # what FSDP divides by the number of processes
@@ -412,7 +422,9 @@ while True:
         megabytes = sum(t.numel() * t.element_size() for t in local) / 2**20
         print(f"weights, gradients and AdamW state: {megabytes:.3f} MiB in this process")
     optimizer.zero_grad(set_to_none=True)  # flush the gradients as soon as we can, no need for this memory anymore
-    raw_model.update_routing_bias()  # aux-loss-free balancing (DeepSeek-V3) by this step's load
+    # aux-loss-free balancing (DeepSeek-V3) by this step's load, unless the scaler skipped the step (and lowered its
+    # scale): inf or nan gradients, no weight moved
+    raw_model.update_routing_bias(skipped=scaler.get_scale() < scale)
 
     # timing and logging
     t1 = time.time()

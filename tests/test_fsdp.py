@@ -26,7 +26,8 @@ def state_mib(stdout):
 def test_fsdp_two_processes_match_one_process_on_half_the_memory(workdir, moe):
     """ accumulation 2 per process (the first micro-step unsynced) = 1 process with 4, in weights,
     AdamW state, the aux-free routing bias and eval loss; each process holds half the state """
-    args = [*TINY, *(MOE + AUX_FREE if moe else []), '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=3']
+    args = [*TINY, *(MOE + AUX_FREE if moe else []), '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=3',
+            '--eval_iters=3']  # 2 forwards each: rank 1's second, past eval_iters, keeps the gathers in step
     fsdp, single = workdir / f'out-fsdp-{moe}', workdir / f'out-fsdp-single-{moe}'
     p = train(workdir, *args, '--fsdp=True', f'--out_dir={fsdp}', launcher=TORCHRUN)
     assert p.stdout.count('saving checkpoint') == 1  # only rank 0 writes

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, MLP, MOELayer
+from model import GPT, GPTConfig, MLP, MOELayer, DENSE_KEYS, RUN_SETTINGS
 from manager import MANAGER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -337,3 +337,33 @@ def test_gpu_peak_flops_by_device_name_and_zero_for_an_unknown_gpu(monkeypatch, 
     import model
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
     assert model.gpu_peak_flops('cuda') == peak
+
+
+MOE_ONLY_VALUES = dict(top_k=1, use_aux_loss=True, use_router_z_loss=True, use_noisy_top_k=True, aux_loss_weight=0.5,
+                       router_z_loss_weight=0.5, train_capacity=0.5, eval_capacity=0.5, min_capacity=1, stride=1,
+                       router_use_full_prec=True,
+                       expert_hidden=8, n_shared_exp=1, use_aux_free_bias=True, bias_update_speed=0.5)
+
+
+def test_every_config_key_is_dense_or_read_by_moe_layers_only():
+    # a new GPTConfig field must be placed: a dense key, or an MoE one (below) that a dense model ignores
+    from dataclasses import fields
+    assert {f.name for f in fields(GPTConfig)} == set(DENSE_KEYS) | set(MOE_ONLY_VALUES) | {'n_exp'}
+    dense = tiny(n_exp=1, use_aux_loss=False, use_router_z_loss=False)
+    for key, value in MOE_ONLY_VALUES.items():
+        other = tiny(**{'n_exp': 1, 'use_aux_loss': False, 'use_router_z_loss': False, key: value}).train()
+        assert all(torch.equal(a, b) for a, b in zip(dense.state_dict().values(), other.state_dict().values())), key
+        torch.manual_seed(0)
+        loss = other(*batch())[1]
+        torch.manual_seed(0)
+        assert torch.equal(loss, dense.train()(*batch())[1]), key
+
+
+def test_run_settings_leave_the_weights_shapes_alone():
+    # a checkpoint loads whatever run settings the resumed or evaluated model is given
+    saved = tiny(use_aux_free_bias=True, use_noisy_top_k=True).state_dict()
+    changed = dict(dropout=0.1, train_capacity=0.0, eval_capacity=0.0, min_capacity=1, use_aux_loss=False,
+                   aux_loss_weight=1.0, use_router_z_loss=False, router_z_loss_weight=1.0, bias_update_speed=0.1,
+                   router_use_full_prec=True)
+    assert set(changed) == set(RUN_SETTINGS)
+    tiny(use_aux_free_bias=True, use_noisy_top_k=True, **changed).load_state_dict(saved, strict=True)

@@ -4,6 +4,7 @@ kill mid-write; a loss that blows up stops the run without touching the last goo
 """
 import os
 import sys
+import json
 import pickle
 import shutil
 import subprocess
@@ -29,9 +30,10 @@ def make_dataset(work, name, n_tokens, vocab_size):
 
 @pytest.fixture(scope='module')
 def trained(workdir):
-    """ an MoE run with a checkpoint at iteration 4 (block_size 32, vocab 65) """
+    """ an MoE run with a checkpoint at iteration 4 (block_size 32, vocab 65) whose evals drop tokens: each expert
+    takes 32 of the 256 assignments of a batch of 4 x 32 """
     out = workdir / 'out-trained'
-    train(workdir, *TINY, *MOE, f'--out_dir={out}', '--max_iters=4', '--eval_interval=4')
+    train(workdir, *TINY, *MOE, '--eval_capacity=0.5', f'--out_dir={out}', '--max_iters=4', '--eval_interval=4')
     return out
 
 
@@ -108,11 +110,13 @@ def test_a_new_run_refuses_an_out_dir_that_holds_a_checkpoint_and_leaves_it_as_i
     assert {f: (trained / f).read_bytes() for f in files} == files
 
 
-def test_eval_only_of_a_fresh_model_in_a_runs_out_dir_only_appends_to_its_log(workdir, trained):
-    files = {f: (trained / f).read_bytes() for f in ('ckpt.pt', 'log.jsonl', 'run.json')}
-    train(workdir, *TINY, f'--out_dir={trained}', '--eval_only=True')  # a fresh model's eval, logged beside the run
-    assert {f: (trained / f).read_bytes() for f in ('ckpt.pt', 'run.json')} == {f: files[f] for f in ('ckpt.pt', 'run.json')}
-    assert (trained / 'log.jsonl').read_bytes().startswith(files['log.jsonl'])
+def test_eval_only_of_another_model_in_a_runs_out_dir_prints_and_leaves_the_run_as_it_was(workdir, trained, tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(trained, out)
+    files = {f: (out / f).read_bytes() for f in ('ckpt.pt', 'log.jsonl', 'run.json')}
+    p = train(workdir, *TINY, f'--out_dir={out}', '--eval_only=True')  # a fresh model's eval: not the run's
+    assert 'step 0: train loss' in p.stdout
+    assert {f: (out / f).read_bytes() for f in files} == files  # a log holds one run's records
 
 
 def test_warmup_as_long_as_the_decay_trains(dense_run):
@@ -136,7 +140,7 @@ def test_resume_on_data_with_another_vocabulary_stops_with_one_line(workdir, tra
 
 def test_pretrained_weights_with_a_smaller_block_size_stop_with_one_line(workdir, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=65)).save_pretrained(tmp_path)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=65)).save_pretrained(tmp_path)
     fails_with(workdir, [*TINY, f'--out_dir={tmp_path}/out', f'--init_from={tmp_path}'],
                f"error: block_size=32 is larger than {tmp_path}'s 16: use --block_size=16 or less")
 
@@ -237,3 +241,104 @@ def test_a_float32_run_resumes_in_float16(workdir, trained, tmp_path):
     train(workdir, *TINY, *MOE, f'--out_dir={out}', '--init_from=resume', '--dtype=float16', '--max_iters=6', '--eval_interval=6')
     ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
     assert ckpt['iter_num'] == 6 and ckpt['scaler']['scale'] > 0
+
+
+# -----------------------------------------------------------------------------
+# a saved model's run settings: the given ones win, the rest stay the checkpoint's; its shape cannot change
+
+@pytest.mark.parametrize('arg,key,saved', [('--n_exp=8', 'n_exp', 4), ('--top_k=1', 'top_k', 2), ('--n_embd=64', 'n_embd', 32),
+                                           ('--use_aux_free_bias=True', 'use_aux_free_bias', False)])
+def test_resume_with_a_key_that_shapes_the_model_stops_with_one_line(workdir, trained, arg, key, saved):
+    files = {f: (trained / f).read_bytes() for f in ('ckpt.pt', 'log.jsonl', 'run.json')}
+    value = arg.split('=')[1]
+    fails_with(workdir, [*TINY, f'--out_dir={trained}', '--init_from=resume', arg],
+               f"error: {key}={value} is not the checkpoint's {saved}, and of a saved model only the run settings can "
+               f"change: leave {key} out or give --{key}={saved}")
+    assert {f: (trained / f).read_bytes() for f in files} == files
+
+
+def test_resume_trains_with_a_changed_aux_loss_weight_and_records_it(workdir, trained, tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(trained, out)
+    p = train(workdir, *TINY, f'--out_dir={out}', '--init_from=resume', '--aux_loss_weight=1000.0', '--max_iters=5',
+              '--eval_interval=5')
+    assert "run settings given over the checkpoint's: aux_loss_weight 0.01 -> 1000.0" in p.stdout
+    # CE (about 4) + 1000 * aux, aux about 1 at any routing: the loss that trained is the new one
+    step_5 = next(r for r in map(json.loads, open(out / 'log.jsonl')) if r['iter'] == 5 and 'loss' in r)
+    assert step_5['loss'] > 500
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    record = json.load(open(out / 'run.json'))
+    assert ckpt['model_args']['aux_loss_weight'] == ckpt['config']['aux_loss_weight'] == 1000.0
+    assert record['model_args']['aux_loss_weight'] == record['config']['aux_loss_weight'] == 1000.0
+    # a key not given keeps the checkpoint's value, also where train.py's default differs
+    assert ckpt['config']['eval_capacity'] == record['config']['eval_capacity'] == 0.5
+
+
+def val_batches(workdir, it, n):
+    """ the val batches train.py evaluates at iteration it, drawn as its get_batch draws them """
+    dataset = next(a for a in TINY if a.startswith('--dataset=')).split('=')[1]
+    data = np.fromfile(workdir / 'data' / dataset / 'val.bin', dtype=np.uint16).astype(np.int64)
+    for k in range(n):
+        ix = np.random.default_rng([1337, True, it, k]).integers(len(data) - 32, size=4)
+        yield (torch.from_numpy(np.stack([data[i:i + 32] for i in ix])),
+               torch.from_numpy(np.stack([data[i + 1:i + 33] for i in ix])))
+
+
+def test_eval_only_with_eval_capacity_zero_evaluates_dropless(workdir, trained, tmp_path):
+    from model import GPT, GPTConfig
+    out = tmp_path / 'out'
+    shutil.copytree(trained, out)
+    p = train(workdir, *TINY, f'--out_dir={out}', '--init_from=resume', '--eval_only=True', '--eval_capacity=0')
+    assert "run settings given over the checkpoint's: eval_capacity 0.5 -> 0.0" in p.stdout
+    evals = [r['val_loss'] for r in map(json.loads, open(out / 'log.jsonl')) if r['iter'] == 4 and 'val_loss' in r]
+    capped, dropless = evals  # the run's eval at iteration 4, then eval_only's
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    model = GPT(GPTConfig(**{**ckpt['model_args'], 'eval_capacity': 0.0}))
+    model.load_state_dict(ckpt['model'])
+    model.eval()
+    with torch.no_grad():
+        losses = torch.stack([model(x, y)[1] for x, y in val_batches(workdir, 4, 2)])
+    assert abs(dropless - losses.mean().item()) < 1e-6  # an uncapped forward's loss
+    assert abs(capped - dropless) > 1e-3  # capacity 0.5 dropped assignments the dropless eval kept
+
+
+class RunsCode:
+    """ unpickled, it would create a file: what a malicious checkpoint could do with os.system """
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, 'w')
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_by_train_and_sample(workdir, trained, tmp_path):
+    out, marker = tmp_path / 'out', tmp_path / 'code-ran'
+    shutil.copytree(trained, out)
+    checkpoint = torch.load(out / 'ckpt.pt', weights_only=True)
+    torch.save({**checkpoint, 'extra': RunsCode(str(marker))}, out / 'ckpt.pt')
+    message = f"error: {out}/ckpt.pt holds a pickled object (io.open) that could run code as it loads: refused."
+    assert fails_with(workdir, [*TINY, f'--out_dir={out}', '--init_from=resume'], None).stderr.startswith(message)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--out_dir={out}', '--device=cpu'],
+                       cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.startswith(message), p.stderr
+    assert not marker.exists()
+
+
+SKIP_EVERY_STEP = """
+init = torch.amp.GradScaler.__init__
+def overflowing_init(self, *args, **kwargs):  # a scale that overflows float16's gradients: every step is skipped
+    init(self, *args, **{**kwargs, 'init_scale': 2.0 ** 100})
+torch.amp.GradScaler.__init__ = overflowing_init
+"""
+
+
+def test_float16_steps_the_scaler_skips_move_no_routing_bias(workdir, tmp_path):
+    out = tmp_path / 'out'
+    args = [*TINY, *MOE, '--use_aux_free_bias=True', '--bias_update_speed=0.01', '--dtype=float16',
+            f'--out_dir={out}', '--max_iters=3', '--eval_interval=3']
+    p = subprocess.run([sys.executable, '-c', launcher(args, SKIP_EVERY_STEP)], cwd=workdir, capture_output=True,
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ckpt['scaler']['scale'] == 2.0 ** 97  # halved at each of the 3 steps before the save at iteration 3
+    assert not ckpt['model']['transformer.h.0.mlp.router.expert_bias'].any()

@@ -202,3 +202,12 @@ def test_gpt2_weights_that_cannot_load_stop_with_one_line(tmp_path, init_from):
     assert p.stderr.endswith("): give --init_from a directory written by GPT2LMHeadModel.save_pretrained, "
                              "or connect to the Hugging Face hub\n")
     assert p.stderr.count('\n') == 1
+
+
+def test_init_from_a_runs_out_dir_samples_that_run(tmp_path):
+    model, out_dir = write_run(tmp_path, n_exp=4)
+    args = ['--start=to be', '--num_samples=1', '--max_new_tokens=10', '--top_k=1']
+    by_init_from, by_out_dir = sample(tmp_path, f'--init_from={out_dir}', *args), sample(tmp_path, f'--out_dir={out_dir}', *args)
+    assert by_init_from.returncode == 0, by_init_from.stderr
+    samples = [p.stdout.split('Loading meta from data/tiny_char/meta.pkl...\n', 1)[1] for p in (by_init_from, by_out_dir)]
+    assert samples[0] == samples[1] and samples[0].startswith('to be')

@@ -144,13 +144,13 @@ RESUMED = [*TINY, *MOE, '--use_noisy_top_k=True', '--dropout=0.1', '--gradient_a
 @pytest.fixture(scope='module')
 def resumed_run(workdir):
     """ 16 iterations in one run, and in two: 8, then a resume to 16 that finds a log record cut
-    short by a crash and is given a model key (n_exp=1) on the command line """
+    short by a crash """
     straight, split = workdir / 'out-straight', workdir / 'out-split'
     train(workdir, *RESUMED, f'--out_dir={straight}', '--max_iters=16')
     train(workdir, *RESUMED, f'--out_dir={split}', '--max_iters=8')
     with open(split / 'log.jsonl', 'a') as f:
         f.write('{"iter": 9, "lo')  # a record cut short by a crash mid-write
-    p = train(workdir, *RESUMED, '--n_exp=1', f'--out_dir={split}', '--max_iters=16', '--init_from=resume')
+    p = train(workdir, *RESUMED, f'--out_dir={split}', '--max_iters=16', '--init_from=resume')
     return straight, split, p
 
 
@@ -172,10 +172,10 @@ def test_resume_log_reads_as_one_runs_without_records_past_the_checkpoint(resume
     assert kinds(split) == kinds(straight)
 
 
-def test_resume_ignores_model_keys_on_the_command_line(resumed_run):
-    _, split, _ = resumed_run
-    ckpt = torch.load(split / 'ckpt.pt', weights_only=False)
-    assert ckpt['model_args']['n_exp'] == 4 and ckpt['iter_num'] == 16  # the checkpoint's model, trained on
+def test_plain_resume_changes_no_run_setting(resumed_run):
+    _, split, p = resumed_run
+    assert 'run settings given over' not in p.stdout
+    assert torch.load(split / 'ckpt.pt', weights_only=True)['iter_num'] == 16
 
 
 def test_resume_counts_training_seconds_on_from_the_checkpoints(resumed_run):
@@ -238,7 +238,8 @@ def test_ddp_two_processes_match_one_process(workdir, moe):
     """ torchrun on 2 CPU processes (gloo) with accumulation 2 per process = 1 process with 4 """
     # the MoE run balances with the aux-free bias too: its update must use the loads of both processes
     moe_args = [*MOE, '--use_aux_free_bias=True', '--bias_update_speed=0.01']
-    args = [*TINY, *(moe_args if moe else []), '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=3']
+    args = [*TINY, *(moe_args if moe else []), '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=3',
+            '--eval_iters=3']  # the processes evaluate batches 0, 2 and 1
     ddp, single = workdir / f'out-ddp-{moe}', workdir / f'out-single-{moe}'
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
     p = train(workdir, *args, f'--out_dir={ddp}', launcher=torchrun)
@@ -248,9 +249,13 @@ def test_ddp_two_processes_match_one_process(workdir, moe):
     b = torch.load(single / 'ckpt.pt', weights_only=False)['model']
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+    # the eval split over the processes is one process's: the same weights at iteration 0, the same to rounding at 3
+    (_, ddp_0), (_, ddp_3) = logged(ddp, 'val_loss')
+    (_, single_0), (_, single_3) = logged(single, 'val_loss')
+    assert ddp_0 == single_0 and abs(ddp_3 - single_3) < 1e-5
     if moe:
         assert a['transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0
-        # eval_only on 2 processes: the master evaluates alone, the other process exits at once
+        # eval_only on 2 processes: the checkpoint's weights, so the eval at 3 once more
         train(workdir, *args, f'--out_dir={ddp}', '--init_from=resume', '--eval_only=True', launcher=torchrun)
         evals = logged(ddp, 'val_loss')
         assert [i for i, _ in evals] == [0, 3, 3] and evals[2][1] == evals[1][1]
