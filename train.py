@@ -11,9 +11,13 @@ import sys
 import json
 import math
 import time
+import netrc
 import atexit
 import pickle
 import signal
+import warnings
+import importlib.util
+from urllib.parse import urlsplit
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
@@ -96,6 +100,10 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 model_keys = [f.name for f in fields(GPTConfig) if f.name in globals()]  # all but vocab_size, which the data sets
 dense_keys = ('block_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'bias', 'n_exp')
 moe_defaults = {k: globals()[k] for k in model_keys if k not in dense_keys}  # the keys only an MoE model reads
+# under torchrun rank 0 alone prints the config, the setup, warnings and the log; errors go to stderr
+if int(os.environ.get('RANK', 0)) != 0:
+    sys.stdout = open(os.devnull, 'w')
+    warnings.simplefilter('ignore')
 # overrides from the command line or a config file
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}  # will be useful for logging
@@ -111,9 +119,31 @@ def leave(code):
     sys.exit(code)
 
 def fail(message):
-    """ a user mistake: one line, non-zero exit, nothing written """
-    print(f"error: {message}", file=sys.stderr)
+    """ a user mistake: one line, non-zero exit, nothing written. Every process finds it: under torchrun the first
+    process of each node says it """
+    if int(os.environ.get('LOCAL_RANK', 0)) == 0:
+        print(f"error: {message}", file=sys.stderr)
+    else:
+        time.sleep(5)  # torchrun stops every process once one exits: the one that says why exits first
     leave(1)
+
+def wandb_cannot_log():
+    """ why wandb.init would fail, or '': read offline from what wandb.init reads (WANDB_MODE, WANDB_API_KEY or an
+    identity token, and the ~/.netrc entry `wandb login` writes) """
+    if importlib.util.find_spec('wandb') is None:
+        return "wandb is not installed: pip install wandb"
+    if os.environ.get('WANDB_MODE') in ('offline', 'disabled', 'dryrun') or \
+            os.environ.get('WANDB_API_KEY') or os.environ.get('WANDB_IDENTITY_TOKEN_FILE'):
+        return ""
+    host = urlsplit(os.environ.get('WANDB_BASE_URL', 'https://api.wandb.ai')).netloc
+    path = os.environ.get('NETRC') or os.path.expanduser('~/.netrc')
+    try:
+        if os.path.exists(path) and netrc.netrc(path).authenticators(host):
+            return ""
+    except netrc.NetrcParseError as e:
+        return f"wandb cannot read {path} ({e.msg}, line {e.lineno}): fix it, or run `wandb login`"
+    return (f"wandb is not logged in (no WANDB_API_KEY, no {host} in {path}): run `wandb login`, "
+            "or set WANDB_MODE=offline to log on this machine")
 
 # the processes, the device and the dtype
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
@@ -157,7 +187,10 @@ if fsdp and dtype == 'float16':
          "use --dtype=bfloat16 or float32, or DDP")
 if gradient_accumulation_steps % ddp_world_size != 0:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the {ddp_world_size} "
-         "processes: make it a multiple")
+         f"processes: it counts the micro-steps of all of them; add --gradient_accumulation_steps="
+         f"{-(-gradient_accumulation_steps // ddp_world_size) * ddp_world_size} (or another multiple)")
+if wandb_log and master_process and (problem := wandb_cannot_log()):
+    fail(f"wandb_log=True but {problem}; or pass --wandb_log=False")
 if not os.path.isdir(data_dir):
     names = sorted(d for d in os.listdir('data') if os.path.isdir(f'data/{d}') and d[0] not in '._') \
         if os.path.isdir('data') else []
@@ -172,6 +205,19 @@ for split in ('train', 'val'):
     if os.path.getsize(path) // 2 < block_size + 1:
         fail(f"{path} has {os.path.getsize(path) // 2} tokens, fewer than block_size + 1 = {block_size + 1}: "
              "use a smaller --block_size or more data")
+
+# settings that train, but likely not as meant: one line each
+if decay_lr and not eval_only and warmup_iters >= max_iters:
+    print(f"warning: warmup_iters={warmup_iters} >= max_iters={max_iters}: the learning rate never leaves warm-up "
+          "(set a smaller --warmup_iters)")
+if decay_lr and not eval_only and not 0.5 * max_iters <= lr_decay_iters <= 1.1 * max_iters:
+    print(f"warning: lr_decay_iters={lr_decay_iters} is far from max_iters={max_iters}: the cosine decay "
+          f"{'is cut short' if lr_decay_iters > max_iters else 'ends early, the rest trains at min_lr'} "
+          f"(Chinchilla: set --lr_decay_iters={max_iters})")
+val_tokens = os.path.getsize(os.path.join(data_dir, 'val.bin')) // 2
+if val_tokens < 10_000:  # a few documents: the val loss of so few is noisy, and overfitting to them lowers it
+    print(f"warning: {data_dir}/val.bin holds only {val_tokens:,} tokens, too few for a steady val loss: "
+          "prepare more data, to hold 10,000 or more")
 
 # various inits, derived attributes, I/O setup
 if ddp:
@@ -269,7 +315,7 @@ if compile:
     model = torch.compile(model)  # errors surface: nothing is suppressed
 # every expert runs every step (no find_unused_parameters); routers count their own process's tokens (no broadcast)
 if ddp and not fsdp:
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, forward_sync_buffers=False)
 if master_process:
     print(f"device {device}, dtype {dtype}, compile {compile}, {raw_model.get_num_params(non_embedding=False):,} "
           f"parameters ({raw_model.get_num_params(non_embedding=False, active=True):,} active per token), "
@@ -366,8 +412,8 @@ while True:
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
 
-    # eval and checkpoint, outside the step's dt; eval_only evaluates at once, even between evals, then stops
-    if (iter_num % eval_interval == 0 or eval_only) and (master_process or fsdp):
+    # eval and checkpoint, outside the step's dt, at the last iteration too; eval_only evaluates at once, then stops
+    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and (master_process or fsdp):
         if device_type == 'cuda':
             torch.cuda.synchronize()  # the last step's queued work belongs to its dt, not to the eval
         t_eval = time.time()
