@@ -16,17 +16,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # GPT-2's BPE files for tiktoken: TIKTOKEN_CACHE_DIR if set, else the offline copy beside the repository.
 # The tests that tokenize with GPT-2's BPE skip without them; every other test makes the text it needs
-TIKTOKEN_CACHE = os.environ.get('TIKTOKEN_CACHE_DIR') or os.path.join(ROOT, '..', 'shared', 'data', 'tiktoken_cache')
+TIKTOKEN_CACHE = os.environ.get('TIKTOKEN_CACHE_DIR') or os.path.join(ROOT, '..', 'shared', 'data',
+                                                                      'tiktoken_cache')
 needs_gpt2_bpe = pytest.mark.skipif(
     not (os.path.isdir(TIKTOKEN_CACHE) and os.listdir(TIKTOKEN_CACHE)),
-    reason="needs GPT-2's BPE files: set TIKTOKEN_CACHE_DIR to a directory that holds tiktoken's cache of them, "
-           "filled where there is network by TIKTOKEN_CACHE_DIR=<dir> python -c \"import tiktoken; "
+    reason="needs GPT-2's BPE files: set TIKTOKEN_CACHE_DIR to a directory that holds tiktoken's cache of "
+           "them, filled where there is network by TIKTOKEN_CACHE_DIR=<dir> python -c \"import tiktoken; "
            "tiktoken.get_encoding('gpt2')\"")
 
 
 def generated_text(n_words=60_000, seed=0):
-    """ ~400 KB of a play in tiny Shakespeare's 65 characters, the same on every machine: speeches of a line of
-    words drawn by Zipf's law from 404 random words, so that a tiny model has spelling and frequencies to learn """
+    """ ~400 KB of a play in tiny Shakespeare's 65 characters, the same on every machine: speeches of
+    a line of words drawn by Zipf's law from 404 random words: spelling and frequencies a tiny model learns """
     rng = np.random.default_rng(seed)
     lower = list('abcdefghijklmnopqrstuvwxyz')
     words = [''.join(rng.choice(lower, rng.integers(2, 8))) for _ in range(400)]
@@ -60,7 +61,8 @@ MOE = ['--n_exp=4', '--top_k=2', '--use_aux_loss=True', '--use_router_z_loss=Tru
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
-    """ a directory with data/shakespeare_char/ as nanoGPT's char-level prepare writes it, of generated_text() """
+    """ a directory with data/shakespeare_char/ as nanoGPT's char-level prepare writes it from
+    generated_text() """
     work = tmp_path_factory.mktemp('work')
     data_dir = work / 'data' / 'shakespeare_char'
     data_dir.mkdir(parents=True)

@@ -47,7 +47,8 @@ def test_shakespeare_char_vocab_and_split_sizes(tmp_path):
     assert meta['vocab_size'] == 65 and sorted(meta['stoi']) == sorted(set(text))
     train = np.fromfile(out / 'train.bin', dtype=np.uint16)
     val = np.fromfile(out / 'val.bin', dtype=np.uint16)
-    assert (len(train), len(val)) == (int(0.9 * len(text)), len(text) - int(0.9 * len(text)))  # nanoGPT's split
+    n = int(0.9 * len(text))  # nanoGPT's split
+    assert (len(train), len(val)) == (n, len(text) - n)
     assert ''.join(meta['itos'][i] for i in np.concatenate([train, val]).tolist()) == text
 
 
