@@ -10,6 +10,7 @@ import os
 import sys
 import json
 import math
+import inspect
 import time
 import netrc
 import atexit
@@ -302,10 +303,12 @@ checkpoint = None  # free up memory
 if compile:
     print("compiling the model... (takes a ~minute)")
     model = torch.compile(model)  # errors surface: nothing is suppressed
-# every expert runs every step (no find_unused_parameters); routers count their own process's tokens (no broadcast)
+# every expert runs every step (no find_unused_parameters); routers count their own process's tokens: no buffer
+# sync in forward, named forward_sync_buffers from torch 2.13 on (broadcast_buffers, deprecated there, before)
 if ddp and not fsdp:
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None,
-                forward_sync_buffers=False)
+    no_sync = next(k for k in ('forward_sync_buffers', 'broadcast_buffers')
+                   if k in inspect.signature(DDP).parameters)
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, **{no_sync: False})
 if master_process:
     print(f"device {device}, dtype {dtype}, compile {compile}, {raw_model.get_num_params(non_embedding=False):,} "
           f"parameters ({raw_model.get_num_params(non_embedding=False, active=True):,} active per token), "
