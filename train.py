@@ -205,9 +205,8 @@ if decay_lr and not eval_only and warmup_iters >= max_iters:
     print(f"warning: warmup_iters={warmup_iters} >= max_iters={max_iters}: the learning rate never leaves "
           "warm-up (set a smaller --warmup_iters)")
 if decay_lr and not eval_only and not 0.5 * max_iters <= lr_decay_iters <= 1.1 * max_iters:
-    print(f"warning: lr_decay_iters={lr_decay_iters} is far from max_iters={max_iters}: the cosine decay "
-          f"{'is cut short' if lr_decay_iters > max_iters else 'ends early, the rest trains at min_lr'} "
-          f"(Chinchilla: set --lr_decay_iters={max_iters})")
+    print(f"warning: lr_decay_iters={lr_decay_iters} is far from max_iters={max_iters}: the cosine decay ends "
+          f"{'after' if lr_decay_iters > max_iters else 'long before'} the run (set --lr_decay_iters={max_iters})")
 
 # various inits, derived attributes, I/O setup
 if ddp:

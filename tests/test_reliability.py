@@ -277,15 +277,15 @@ def test_a_schedule_that_never_leaves_warmup_or_decays_elsewhere_and_a_tiny_val_
     for warning in [
         "warning: warmup_iters=10 >= max_iters=10: the learning rate never leaves warm-up "
         "(set a smaller --warmup_iters)",
-        "warning: lr_decay_iters=100 is far from max_iters=10: the cosine decay is cut short "
-        "(Chinchilla: set --lr_decay_iters=10)",
+        "warning: lr_decay_iters=100 is far from max_iters=10: the cosine decay ends after the run "
+        "(set --lr_decay_iters=10)",
         "warning: data/small_val/val.bin holds only 5,000 tokens, too few for a steady val loss: "
         "prepare more data, to hold 10,000 or more",
     ]:
         assert stdout.splitlines().count(warning) == 1, stdout
     stdout = setup_output(workdir, [*TINY, '--max_iters=100', '--lr_decay_iters=40'])
-    assert "warning: lr_decay_iters=40 is far from max_iters=100: the cosine decay ends early, the rest " \
-           "trains at min_lr (Chinchilla: set --lr_decay_iters=100)" in stdout.splitlines()
+    assert "warning: lr_decay_iters=40 is far from max_iters=100: the cosine decay ends long before the run " \
+           "(set --lr_decay_iters=100)" in stdout.splitlines()
 
 
 def test_the_readme_quick_start_warns_of_nothing(workdir):
