@@ -15,11 +15,23 @@ the key and the closest valid one. Helper names in a config file start with '_';
 modules are ignored. On the command line a str key keeps the text of any value that is not a
 quoted string: --out_dir=2024 is '2024'. Afterwards `given_keys` names the keys that were set.
 """
+import os
 import sys
+import time
 import builtins
 import types
 import difflib
 from ast import literal_eval
+
+
+def _fail(message):
+    """ one error line and exit; under torchrun every process reads the same arguments, and the first of each
+    node says it """
+    if os.environ.get('LOCAL_RANK', '0') == '0':
+        print(f"error: {message}", file=sys.stderr)
+    else:
+        time.sleep(5)  # torchrun stops every process once one exits: the one that says why exits first
+    sys.exit(1)
 
 
 def _configure(config, argv):
@@ -31,24 +43,24 @@ def _configure(config, argv):
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            sys.exit(f"error: unknown config key '{key}' {where}{hint}")
+            _fail(f"unknown config key '{key}' {where}{hint}")
         want = type(known[key])
         if want is float and type(value) is int:
             value = float(value)
         if type(value) is not want:
-            sys.exit(f"error: config key '{key}' {where} must be {want.__name__}, got {type(value).__name__} {value!r}")
+            _fail(f"config key '{key}' {where} must be {want.__name__}, got {type(value).__name__} {value!r}")
         return value
 
     for arg in argv:
         if '=' not in arg:
             # assume it's the name of a config file
             if arg.startswith('--'):
-                sys.exit(f"error: argument '{arg}' has no value: write --key=value")
+                _fail(f"argument '{arg}' has no value: write --key=value")
             try:
                 with open(arg) as f:
                     source = f.read()
             except OSError as e:
-                sys.exit(f"error: cannot read config file '{arg}': {e.strerror}")
+                _fail(f"cannot read config file '{arg}': {e.strerror}")
             print(f"Overriding config with {arg}:")
             print(source)
             namespace = {k: config[k] for k in known}
@@ -61,7 +73,7 @@ def _configure(config, argv):
         else:
             # assume it's a --key=value argument
             if not arg.startswith('--'):
-                sys.exit(f"error: argument '{arg}' must look like --key=value")
+                _fail(f"argument '{arg}' must look like --key=value")
             key, val = arg[2:].split('=', 1)
             try:
                 value = literal_eval(val)

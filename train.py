@@ -10,10 +10,14 @@ import os
 import sys
 import json
 import math
+import inspect
 import time
+import netrc
 import atexit
 import pickle
 import signal
+import warnings
+import importlib.util
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
@@ -95,6 +99,10 @@ compile = torch.cuda.is_available()  # use PyTorch 2.0 to compile the model to b
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 model_keys = [f.name for f in fields(GPTConfig) if f.name in globals()]  # all but vocab_size, which the data sets
 moe_defaults = {k: globals()[k] for k in model_keys if k not in DENSE_KEYS}  # the keys only an MoE model reads
+# under torchrun rank 0 alone prints the config, the setup, warnings and the log (errors: see fail)
+if int(os.environ.get('RANK', 0)) != 0:
+    sys.stdout = open(os.devnull, 'w')
+    warnings.simplefilter('ignore')
 # overrides from the command line or a config file
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}  # will be useful for logging
@@ -110,9 +118,24 @@ def leave(code):
     sys.exit(code)
 
 def fail(message):
-    """ a user mistake: one line, non-zero exit, nothing written """
-    print(f"error: {message}", file=sys.stderr)
+    """ a user mistake: one line (under torchrun, from each node's first process), non-zero exit, nothing written """
+    if int(os.environ.get('LOCAL_RANK', 0)) == 0:
+        print(f"error: {message}", file=sys.stderr)
+    else:
+        time.sleep(5)  # torchrun stops every process once one exits: the one that says why exits first
     leave(1)
+
+def wandb_cannot_log():
+    """ why wandb.init would fail, or '': offline, from WANDB_MODE, WANDB_API_KEY and wandb login's ~/.netrc """
+    if importlib.util.find_spec('wandb') is None:
+        return "wandb is not installed: pip install wandb"
+    host = os.environ.get('WANDB_BASE_URL', 'https://api.wandb.ai').split('//')[-1].split('/')[0]
+    path = os.environ.get('NETRC') or os.path.expanduser('~/.netrc')
+    if os.environ.get('WANDB_MODE') in ('offline', 'disabled') or os.environ.get('WANDB_API_KEY') or \
+            (os.path.exists(path) and netrc.netrc(path).authenticators(host)):
+        return ""
+    return f"wandb is not logged in (no WANDB_API_KEY, no {host} in {path}): run `wandb login`, " \
+        "or set WANDB_MODE=offline"
 
 # the processes, the device and the dtype
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
@@ -148,7 +171,10 @@ if fsdp and dtype == 'float16':
          "use --dtype=bfloat16 or float32, or DDP")
 if gradient_accumulation_steps % ddp_world_size != 0:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the {ddp_world_size} "
-         "processes: make it a multiple")
+         f"processes: it counts the micro-steps of all of them; add --gradient_accumulation_steps="
+         f"{-(-gradient_accumulation_steps // ddp_world_size) * ddp_world_size} (or another multiple)")
+if wandb_log and master_process and (problem := wandb_cannot_log()):
+    fail(f"wandb_log=True but {problem}; or pass --wandb_log=False")
 if not os.path.isdir(data_dir):
     names = sorted(d for d in os.listdir('data') if os.path.isdir(f'data/{d}') and d[0] not in '._') \
         if os.path.isdir('data') else []
@@ -160,6 +186,15 @@ for split in ('train', 'val'):
         prepare = f"data/{dataset}/prepare.py" if os.path.exists(f'{data_dir}/prepare.py') else \
             f"data/openwebtext/prepare.py --input=<your documents> --out_dir={data_dir}"
         fail(f"{path} not found: run python {prepare} first")
+    if split == 'val' and os.path.getsize(path) // 2 < 10_000:  # a noisy val loss, that overfits to them
+        print(f"warning: {path} holds only {os.path.getsize(path) // 2:,} tokens, too few for a steady val "
+              "loss: prepare more data, to hold 10,000 or more")
+if decay_lr and not eval_only and warmup_iters >= max_iters:
+    print(f"warning: warmup_iters={warmup_iters} >= max_iters={max_iters}: the learning rate never leaves "
+          "warm-up (set a smaller --warmup_iters)")
+if decay_lr and not eval_only and not 0.5 * max_iters <= lr_decay_iters <= 1.1 * max_iters:
+    print(f"warning: lr_decay_iters={lr_decay_iters} is far from max_iters={max_iters}: the cosine decay ends "
+          f"{'after' if lr_decay_iters > max_iters else 'long before'} the run (set --lr_decay_iters={max_iters})")
 
 # various inits, derived attributes, I/O setup
 if ddp:
@@ -268,9 +303,12 @@ checkpoint = None  # free up memory
 if compile:
     print("compiling the model... (takes a ~minute)")
     model = torch.compile(model)  # errors surface: nothing is suppressed
-# every expert runs every step (no find_unused_parameters); routers count their own process's tokens (no broadcast)
+# every expert runs every step (no find_unused_parameters); routers count their own process's tokens: no buffer
+# sync in forward, named forward_sync_buffers from torch 2.13 on (broadcast_buffers, deprecated there, before)
 if ddp and not fsdp:
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+    no_sync = next(k for k in ('forward_sync_buffers', 'broadcast_buffers')
+                   if k in inspect.signature(DDP).parameters)
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, **{no_sync: False})
 if master_process:
     print(f"device {device}, dtype {dtype}, compile {compile}, {raw_model.get_num_params(non_embedding=False):,} "
           f"parameters ({raw_model.get_num_params(non_embedding=False, active=True):,} active per token), "
@@ -375,8 +413,8 @@ while True:
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
 
-    # eval and checkpoint, outside the step's dt; eval_only evaluates at once, even between evals, then stops
-    if iter_num % eval_interval == 0 or eval_only:
+    # eval and checkpoint, outside the step's dt, at the last iteration too; eval_only evaluates once and stops
+    if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         if device_type == 'cuda':
             torch.cuda.synchronize()  # the last step's queued work belongs to its dt, not to the eval
         t_eval = time.time()

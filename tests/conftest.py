@@ -14,16 +14,44 @@ os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# offline copies of tiny Shakespeare and GPT-2's BPE files, beside the repository; a clone without
-# them skips the tests that read them
-SHARED_DATA = os.path.join(ROOT, '..', 'shared', 'data')
-needs_shared_data = pytest.mark.skipif(not os.path.isdir(SHARED_DATA),
-                                       reason=f"needs {SHARED_DATA}: tiny Shakespeare and GPT-2's BPE files")
-SHAKESPEARE = os.path.join(SHARED_DATA, 'tinyshakespeare', 'input.txt')
+# GPT-2's BPE files for tiktoken: TIKTOKEN_CACHE_DIR if set, else the offline copy beside the repository.
+# The tests that tokenize with GPT-2's BPE skip without them; every other test makes the text it needs
+TIKTOKEN_CACHE = os.environ.get('TIKTOKEN_CACHE_DIR') or os.path.join(ROOT, '..', 'shared', 'data',
+                                                                      'tiktoken_cache')
+needs_gpt2_bpe = pytest.mark.skipif(
+    not (os.path.isdir(TIKTOKEN_CACHE) and os.listdir(TIKTOKEN_CACHE)),
+    reason="needs GPT-2's BPE files: set TIKTOKEN_CACHE_DIR to a directory that holds tiktoken's cache of "
+           "them, filled where there is network by TIKTOKEN_CACHE_DIR=<dir> python -c \"import tiktoken; "
+           "tiktoken.get_encoding('gpt2')\"")
+
+
+def generated_text(n_words=60_000, seed=0):
+    """ ~400 KB of a play in tiny Shakespeare's 65 characters, the same on every machine: speeches of
+    a line of words drawn by Zipf's law from 404 random words: spelling and frequencies a tiny model learns """
+    rng = np.random.default_rng(seed)
+    lower = list('abcdefghijklmnopqrstuvwxyz')
+    words = [''.join(rng.choice(lower, rng.integers(2, 8))) for _ in range(400)]
+    words += ['&', '$3', words[0] + "'s", words[1] + '-' + words[2]]
+    rng.shuffle(words)
+    zipf = 1 / np.arange(1, len(words) + 1)
+    ids = rng.choice(len(words), n_words, p=zipf / zipf.sum())
+    names = [c + ''.join(rng.choice(lower, 4)) for c in 'ABCDEFGHIJKLMNOPQRSTUVWXYZ']
+    lengths = rng.integers(3, 10, n_words // 3)
+    speakers = rng.integers(0, len(names), n_words // 3)
+    marks = rng.choice(list(',;:.!?'), n_words // 3)
+    speeches, start = [], 0
+    for n, speaker, mark in zip(lengths, speakers, marks):
+        if start + n > n_words:
+            break
+        line = ' '.join(words[i] for i in ids[start:start + n])
+        speeches.append(f"{names[speaker]}:\n{line[0].upper()}{line[1:]}{mark}\n")
+        start += n
+    return '\n'.join(speeches)
+
 
 # ---------------------------------------------------------------------------------------------
 # train.py end to end (test_train.py, test_reliability.py, test_fsdp.py): a tiny char-level
-# model on tiny Shakespeare, run as a subprocess in a directory holding data/shakespeare_char/
+# model on generated_text(), run as a subprocess in a directory holding data/shakespeare_char/
 
 TINY = ['--dataset=shakespeare_char', '--device=cpu', '--compile=False', '--eval_iters=2', '--log_interval=1',
         '--block_size=32', '--batch_size=4', '--n_layer=2', '--n_head=2', '--n_embd=32', '--warmup_iters=2',
@@ -33,13 +61,12 @@ MOE = ['--n_exp=4', '--top_k=2', '--use_aux_loss=True', '--use_router_z_loss=Tru
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
-    """ a directory with data/shakespeare_char/ as nanoGPT's char-level prepare writes it """
-    if not os.path.exists(SHAKESPEARE):
-        pytest.skip(f"needs {SHAKESPEARE}")
+    """ a directory with data/shakespeare_char/ as nanoGPT's char-level prepare writes it from
+    generated_text() """
     work = tmp_path_factory.mktemp('work')
     data_dir = work / 'data' / 'shakespeare_char'
     data_dir.mkdir(parents=True)
-    text = open(SHAKESPEARE).read()
+    text = generated_text()
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
     ids = np.array([stoi[c] for c in text], dtype=np.uint16)

@@ -1,6 +1,6 @@
 """
-The data/*/prepare.py scripts, run as a user runs them, on the shared offline copies of tiny
-Shakespeare and of GPT-2's BPE files, writing into tmp dirs. Token counts are nanoGPT's.
+The data/*/prepare.py scripts, run as a user runs them, on generated text and documents, with
+GPT-2's BPE files from TIKTOKEN_CACHE_DIR (or the offline copy beside the repository), writing into tmp dirs.
 """
 import os
 import json
@@ -11,11 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA, needs_shared_data
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(SHARED_DATA, 'tinyshakespeare', 'input.txt')
-TIKTOKEN_CACHE = os.path.join(SHARED_DATA, 'tiktoken_cache')
+from conftest import ROOT, TIKTOKEN_CACHE, needs_gpt2_bpe, generated_text
 
 
 def prepare(name, tmp_path, *args, runner=(), env=None):
@@ -33,30 +29,37 @@ def gpt2():
     return tiktoken.get_encoding('gpt2')
 
 
-@needs_shared_data
+def write_text(tmp_path):
+    """ generated_text() as a UTF-8 file, the path to give as --input, and the text """
+    text = generated_text()
+    source = tmp_path / 'input.txt'
+    source.write_text(text, encoding='utf-8')
+    return source, text
+
+
 def test_shakespeare_char_vocab_and_split_sizes(tmp_path):
+    source, text = write_text(tmp_path)
     out = tmp_path / 'out'
-    p = prepare('shakespeare_char', tmp_path, f'--input={SHAKESPEARE}', f'--out_dir={out}')
+    p = prepare('shakespeare_char', tmp_path, f'--input={source}', f'--out_dir={out}')
     assert p.returncode == 0, p.stderr
     with open(out / 'meta.pkl', 'rb') as f:
         meta = pickle.load(f)
-    text = open(SHAKESPEARE, encoding='utf-8').read()
     assert meta['vocab_size'] == 65 and sorted(meta['stoi']) == sorted(set(text))
     train = np.fromfile(out / 'train.bin', dtype=np.uint16)
     val = np.fromfile(out / 'val.bin', dtype=np.uint16)
-    assert (len(train), len(val)) == (1_003_854, 111_540)
+    n = int(0.9 * len(text))  # nanoGPT's split
+    assert (len(train), len(val)) == (n, len(text) - n)
     assert ''.join(meta['itos'][i] for i in np.concatenate([train, val]).tolist()) == text
 
 
-@needs_shared_data
-def test_shakespeare_bpe_matches_tiktoken_and_nanogpt_counts(tmp_path):
+@needs_gpt2_bpe
+def test_shakespeare_bpe_matches_tiktoken(tmp_path):
+    source, text = write_text(tmp_path)
     out = tmp_path / 'out'
-    p = prepare('shakespeare', tmp_path, f'--input={SHAKESPEARE}', f'--out_dir={out}')
+    p = prepare('shakespeare', tmp_path, f'--input={source}', f'--out_dir={out}')
     assert p.returncode == 0, p.stderr
     train = np.fromfile(out / 'train.bin', dtype=np.uint16)
     val = np.fromfile(out / 'val.bin', dtype=np.uint16)
-    assert (len(train), len(val)) == (301_966, 36_059)  # 338,025 in all
-    text = open(SHAKESPEARE, encoding='utf-8').read()
     n = int(len(text) * 0.9)
     enc = gpt2()
     # the script encodes line by line; tiktoken on each whole split is the reference
@@ -107,7 +110,7 @@ def write_documents(tmp_path, kind):
     return source
 
 
-@needs_shared_data
+@needs_gpt2_bpe
 @pytest.mark.parametrize('kind', ['hub', 'save_to_disk', 'jsonl', 'parquet_file', 'parquet_dir', 'text_dir'])
 def test_openwebtext_tokens_are_the_documents_gpt2_tokens_split_as_nanogpt(tmp_path, kind):
     source = write_documents(tmp_path, kind)
@@ -138,7 +141,6 @@ def test_openwebtext_from_the_hub_without_network_stops_with_one_line(tmp_path, 
     assert not out.exists()
 
 
-@needs_shared_data
 def test_openwebtext_text_file_not_utf8_stops_with_one_line(tmp_path):
     docs = tmp_path / 'docs'
     docs.mkdir()

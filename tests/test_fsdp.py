@@ -9,9 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SHAKESPEARE, TINY, MOE, train, logged
-
-pytestmark = pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason="needs ../shared/data/tinyshakespeare")
+from conftest import ROOT, TINY, MOE, train, logged
 
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 AUX_FREE = ['--use_aux_free_bias=True', '--bias_update_speed=0.01']

@@ -342,3 +342,61 @@ def test_float16_steps_the_scaler_skips_move_no_routing_bias(workdir, tmp_path):
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['scaler']['scale'] == 2.0 ** 97  # halved at each of the 3 steps before the save at iteration 3
     assert not ckpt['model']['transformer.h.0.mlp.router.expert_bias'].any()
+
+
+@pytest.mark.parametrize('installed', [True, False], ids=['not_logged_in', 'not_installed'])
+def test_wandb_that_cannot_log_stops_before_writing_anything(workdir, tmp_path, installed):
+    env = {k: v for k, v in os.environ.items() if not k.startswith('WANDB_') and k != 'NETRC'}
+    env['HOME'] = str(tmp_path)  # no ~/.netrc: no `wandb login`
+    out = tmp_path / 'out'
+    argv = [*TINY, f'--out_dir={out}', '--wandb_log=True']
+    cmd = [sys.executable, TRAIN_PY, *argv] if installed else \
+        [sys.executable, '-c', launcher(argv, "sys.modules['wandb'] = None")]  # import wandb fails
+    p = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 1 and not out.exists()
+    problem = "wandb is not installed: pip install wandb" if not installed else \
+        f"wandb is not logged in (no WANDB_API_KEY, no api.wandb.ai in {tmp_path}/.netrc): " \
+        "run `wandb login`, or set WANDB_MODE=offline"
+    assert p.stderr == f"error: wandb_log=True but {problem}; or pass --wandb_log=False\n"
+
+
+STOP_BEFORE_THE_MODEL = """
+def stop(*args, **kwargs):
+    sys.exit(3)
+model.GPT.__init__ = stop
+"""
+
+
+def setup_output(cwd, argv):
+    """ what train.py prints with argv up to building the model, where it stops """
+    p = subprocess.run([sys.executable, '-c', launcher(argv, STOP_BEFORE_THE_MODEL)], cwd=cwd, text=True,
+                       capture_output=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=120)
+    assert p.returncode == 3, p.stderr
+    return p.stdout
+
+
+def test_a_schedule_that_never_leaves_warmup_or_decays_elsewhere_and_a_tiny_val_split_warn(workdir):
+    make_dataset(workdir, 'small_val', 5000, 65)
+    stdout = setup_output(workdir, [*TINY, '--dataset=small_val', '--max_iters=10', '--warmup_iters=10',
+                                    '--lr_decay_iters=100'])
+    for warning in [
+        "warning: warmup_iters=10 >= max_iters=10: the learning rate never leaves warm-up "
+        "(set a smaller --warmup_iters)",
+        "warning: lr_decay_iters=100 is far from max_iters=10: the cosine decay ends after the run "
+        "(set --lr_decay_iters=10)",
+        "warning: data/small_val/val.bin holds only 5,000 tokens, too few for a steady val loss: "
+        "prepare more data, to hold 10,000 or more",
+    ]:
+        assert stdout.splitlines().count(warning) == 1, stdout
+    stdout = setup_output(workdir, [*TINY, '--max_iters=100', '--lr_decay_iters=40'])
+    assert "warning: lr_decay_iters=40 is far from max_iters=100: the cosine decay ends long before the run " \
+           "(set --lr_decay_iters=100)" in stdout.splitlines()
+
+
+def test_the_readme_quick_start_warns_of_nothing(workdir):
+    readme = open(os.path.join(ROOT, 'README.md')).read()
+    command = next(line for line in readme.splitlines()
+                   if line.startswith('python train.py config/train_shakespeare_char_moe.py'))
+    argv = command.split()[2:]
+    argv[0] = os.path.join(ROOT, argv[0])
+    assert 'warning' not in setup_output(workdir, argv)

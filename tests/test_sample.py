@@ -15,10 +15,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from conftest import SHARED_DATA, needs_shared_data
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIKTOKEN_CACHE = os.path.join(SHARED_DATA, 'tiktoken_cache')
+from conftest import ROOT, TIKTOKEN_CACHE, needs_gpt2_bpe
 CHARS = sorted("\n abcdefghijklmnopqrstuvwxyz.,!")
 
 
@@ -105,7 +102,7 @@ def test_greedy_samples_match_the_checkpointed_model_in_batches(tmp_path, n_exp,
     assert shapes == [s for B in batches for s in [(B, 5)] + [(B, 1)] * 11 + [(B, 16)] * 8]
 
 
-@needs_shared_data
+@needs_gpt2_bpe
 def test_checkpoint_without_meta_decodes_with_gpt2_bpe(tmp_path):
     os.environ.setdefault('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
     import tiktoken

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, MOE, train, logged
+
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 from model import GPTConfig
 
 
@@ -29,6 +31,15 @@ def test_moe_training_lowers_the_val_loss(moe_run):
     evals = logged(out, 'val_loss')
     assert evals[0][0] == 0 and evals[-1][0] == 40
     assert evals[-1][1] < evals[0][1] - 0.5  # from ~4.17 (ln 65) down
+
+
+def test_a_run_evaluates_and_saves_its_last_iteration_once(workdir, moe_run):
+    out = workdir / 'out-last'
+    train(workdir, *TINY, f'--out_dir={out}', '--max_iters=7', '--eval_interval=5')
+    assert [i for i, _ in logged(out, 'val_loss')] == [0, 5, 7]
+    assert torch.load(out / 'ckpt.pt', weights_only=False)['iter_num'] == 7
+    # max_iters=40 a multiple of eval_interval=40: one eval at 40
+    assert [i for i, _ in logged(moe_run[0], 'val_loss')] == [0, 40]
 
 
 def test_step_line_shows_aux_loss_drops_and_tokens_per_second(moe_run):
@@ -126,8 +137,8 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 
 
 def test_step_times_leave_out_an_eval_that_takes_an_hour(workdir):
-    # the clock jumps an hour in each eval (iterations 0, 5, 10) and a millisecond per reading otherwise:
-    # no step's dt, and no train_s, may hold an eval
+    # the clock jumps an hour in each eval (iterations 0, 5, 10 and the last, 12) and a millisecond per
+    # reading otherwise: no step's dt, and no train_s, may hold an eval
     out = workdir / 'out-long-eval'
     train(workdir, *TINY, f'--out_dir={out}', '--max_iters=12', '--eval_interval=5', '--always_save_checkpoint=False',
           launcher=[sys.executable, '-c', EVAL_TAKES_AN_HOUR])
@@ -241,9 +252,11 @@ def test_ddp_two_processes_match_one_process(workdir, moe):
     args = [*TINY, *(moe_args if moe else []), '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=3',
             '--eval_iters=3']  # the processes evaluate batches 0, 2 and 1
     ddp, single = workdir / f'out-ddp-{moe}', workdir / f'out-single-{moe}'
-    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    p = train(workdir, *args, f'--out_dir={ddp}', launcher=torchrun)
+    p = train(workdir, *args, f'--out_dir={ddp}', launcher=TORCHRUN)
     assert p.stdout.count('saving checkpoint') == 1  # only rank 0 writes
+    for line in ('Overriding: max_iters = 3', 'found vocab_size', 'Initializing a new model', 'fused AdamW'):
+        assert p.stdout.count(line) == 1, line  # and prints
+    assert 'Warning' not in p.stderr, p.stderr
     train(workdir, *args, f'--out_dir={single}')
     a = torch.load(ddp / 'ckpt.pt', weights_only=False)['model']
     b = torch.load(single / 'ckpt.pt', weights_only=False)['model']
@@ -256,9 +269,19 @@ def test_ddp_two_processes_match_one_process(workdir, moe):
     if moe:
         assert a['transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0
         # eval_only on 2 processes: the checkpoint's weights, so the eval at 3 once more
-        train(workdir, *args, f'--out_dir={ddp}', '--init_from=resume', '--eval_only=True', launcher=torchrun)
+        train(workdir, *args, f'--out_dir={ddp}', '--init_from=resume', '--eval_only=True', launcher=TORCHRUN)
         evals = logged(ddp, 'val_loss')
         assert [i for i, _ in evals] == [0, 3, 3] and evals[2][1] == evals[1][1]
+
+
+def test_torchrun_with_fewer_micro_steps_than_processes_says_once_what_to_add(workdir):
+    out = workdir / 'out-ddp-1'
+    p = train(workdir, *TINY, f'--out_dir={out}', launcher=TORCHRUN, check=False)  # accumulation 1
+    assert p.returncode != 0 and not out.exists()
+    error = ("error: gradient_accumulation_steps=1 is not divisible by the 2 processes: it counts the "
+             "micro-steps of all of them; add --gradient_accumulation_steps=2 (or another multiple)")
+    assert p.stderr.count('error: ') == 1 and error + '\n' in p.stderr, p.stderr
+    assert p.stderr.index(error) < p.stderr.index('ChildFailedError')  # then torchrun's report of the failure
 
 
 def test_ctrl_c_prints_one_line_on_how_to_resume(workdir):
