@@ -4,10 +4,8 @@ Runs that several tests read are module fixtures: one run, an assertion per test
 """
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import fields
 
 import pytest
@@ -256,21 +254,30 @@ def test_ddp_two_processes_match_one_process(workdir, moe):
         assert [i for i, _ in evals] == [0, 3, 3] and evals[2][1] == evals[1][1]
 
 
-def test_ctrl_c_prints_one_line_on_how_to_resume(workdir):
+# Ctrl-C the moment ckpt.pt has been renamed into place, before train.py can note which iteration it holds
+CTRL_C_AFTER_THE_RENAME = """
+import os, sys, signal, runpy
+replace = os.replace
+def replace_then_ctrl_c(src, dst):
+    replace(src, dst)
+    if dst.endswith('ckpt.pt'):
+        os.kill(os.getpid(), signal.SIGINT)
+os.replace = replace_then_ctrl_c
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_ctrl_c_during_a_save_names_the_iteration_on_disk(workdir):
     out = workdir / 'out-interrupted'
-    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *TINY, f'--out_dir={out}', '--max_iters=100000',
-           '--eval_interval=5']
-    p = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS='1'))
-    while not (out / 'ckpt.pt').exists() and p.poll() is None:  # a checkpoint, then Ctrl-C
-        time.sleep(0.1)
-    p.send_signal(signal.SIGINT)
-    stdout, stderr = p.communicate(timeout=120)
-    assert p.returncode == 130
-    assert 'Traceback' not in stderr, stderr
-    saved = torch.load(out / 'ckpt.pt', weights_only=False)['iter_num']
-    assert stdout.strip().splitlines()[-1].endswith(
-        f"{out}/ckpt.pt holds iter {saved}; continue with --init_from=resume --out_dir={out}")
+    p = train(workdir, *TINY, f'--out_dir={out}', '--max_iters=100', '--eval_interval=5',
+              launcher=[sys.executable, '-c', CTRL_C_AFTER_THE_RENAME], check=False)
+    assert p.returncode == 130, p.stderr[-3000:]
+    assert 'Traceback' not in p.stderr, p.stderr
+    assert torch.load(out / 'ckpt.pt', weights_only=False)['iter_num'] == 5
+    assert p.stdout.strip().splitlines()[-1] == (f"interrupted at iter 5: {out}/ckpt.pt holds iter 5; "
+                                                 f"continue with --init_from=resume --out_dir={out}")
 
 
 def test_odd_sizes_train_and_dropless_on_padded_slots_warns(workdir):
