@@ -49,7 +49,7 @@ def sample(tmp_path, *args, script=os.path.join(ROOT, 'sample.py'), **env):
     # forwards several times slower
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TIKTOKEN_CACHE_DIR': TIKTOKEN_CACHE, **env}
     return subprocess.run([sys.executable, script, '--device=cpu', *args],
-                          capture_output=True, text=True, cwd=tmp_path, env=env)
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
 
 
 # sample.py run in a process that then reports what its output cannot show: the dtypes of the

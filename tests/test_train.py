@@ -80,7 +80,7 @@ def test_train_seconds_add_up_the_steps_and_leave_evals_out(moe_run):
 def test_plot_script_draws_the_loss_and_expert_load_of_a_run(workdir, moe_run):
     out, _ = moe_run
     p = subprocess.run([sys.executable, os.path.join(ROOT, 'assets', 'plot.py'), str(out), '--labels=moe',
-                        f'--out={workdir}/plots'], capture_output=True, text=True)
+                        f'--out={workdir}/plots'], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     for name in ('loss.png', 'expert_load_moe.png'):
         png = workdir / 'plots' / name
