@@ -34,6 +34,16 @@ def test_step_line_shows_aux_loss_drops_and_tokens_per_second(moe_run):
     assert 'aux 1.0' in p.stdout and 'drop' in p.stdout and 'tok/s' in p.stdout
 
 
+def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine_to_min_lr(moe_run):
+    # TINY: learning_rate 3e-3, warmup_iters 2, lr_decay_iters 40; min_lr 6e-5, train.py's default.
+    # nanoGPT's schedule: lr * (it + 1) / (warmup + 1) while warming up, then half a cosine period
+    # from lr down to min_lr over iterations 2 to 40, whose middle, 21, is halfway
+    out, _ = moe_run
+    lr = dict(logged(out, 'lr'))
+    expected = {0: 1e-3, 1: 2e-3, 2: 3e-3, 21: (3e-3 + 6e-5) / 2, 40: 6e-5}
+    assert {i: lr[i] for i in expected} == pytest.approx(expected, rel=1e-9)
+
+
 def test_checkpoint_holds_every_gpt_config_key(moe_run):
     out, _ = moe_run
     ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
