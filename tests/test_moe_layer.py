@@ -220,11 +220,11 @@ def six_tokens_that_prefer_expert_0_then_1(layer):
     return x
 
 
-def test_capacity_drops_second_choices_first():
+def test_capacity_drops_second_choices_first(expert_path):
     # 2 slots per expert; tokens alternate between experts 0 then 1 (logits 3, 1) and 1 then 0 (logits 1, 3).
     # First choices fill first, in token order: tokens 0 and 2 take expert 0's slots, 1 and 3 expert 1's,
     # every second choice is dropped and tokens 4 and 5 keep nothing. Filling token by token would keep
-    # both choices of tokens 0 and 1 instead; filling from the last token, tokens 2 to 5
+    # both choices of tokens 0 and 1 instead, and filling from the last token the first choices of 2 to 5
     layer = make_layer(n_exp=4, top_k=2, train_capacity=0.25, min_capacity=2)  # cap = max(floor(0.75), 2) = 2
     with torch.no_grad():
         layer.router.w_g.weight.zero_()
