@@ -351,7 +351,11 @@ def checkpoint_status():
     return f"{ckpt_path} holds iter {saved_iter}" if saved_iter is not None else "no checkpoint yet"
 
 def on_interrupt(signum, frame):
-    """ Ctrl-C: one line on where the run can go on from, not a traceback """
+    """ Ctrl-C: one line on where the run can go on from, not a traceback; during a save, once it is done """
+    global interrupted
+    if saving:  # ckpt.pt may be renamed and saved_iter not yet set: wait until the two agree
+        interrupted = True
+        return
     if master_process:
         how = f"continue with --init_from=resume --out_dir={out_dir}" if saved_iter is not None else "start it again"
         print(f"\ninterrupted at iter {iter_num}: {checkpoint_status()}; {how}", flush=True)
@@ -398,6 +402,7 @@ if master_process:
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+saving = interrupted = False  # a Ctrl-C during a save is held until ckpt.pt and saved_iter agree
 signal.signal(signal.SIGINT, on_interrupt)
 
 # training loop
@@ -428,9 +433,12 @@ while True:
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and not eval_only:
-                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, fsdp, model_args=model_args, iter_num=iter_num,
-                                best_val_loss=best_val_loss, train_s=train_s, config=config)
-                saved_iter = iter_num
+                saving = True
+                save_checkpoint(ckpt_path, raw_model, optimizer, scaler, fsdp, model_args=model_args,
+                                iter_num=iter_num, best_val_loss=best_val_loss, train_s=train_s, config=config)
+                saved_iter, saving = iter_num, False
+                if interrupted:  # a Ctrl-C that came during the save
+                    on_interrupt(signal.SIGINT, None)
         t0 += time.time() - t_eval
     if eval_only:
         break

@@ -51,5 +51,5 @@ def test_config_file_sets_only_train_py_keys_with_their_types(tmp_path, name):
     defaults = '\n'.join(f'{k} = {v!r}' for k, v in TRAIN_KEYS.items())
     script.write_text(SCRIPT.format(defaults=defaults, configurator=os.path.join(ROOT, 'configurator.py')))
     p = subprocess.run([sys.executable, str(script), os.path.join(ROOT, 'config', name)],
-                       capture_output=True, text=True, cwd=tmp_path)
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert p.returncode == 0 and p.stderr == '', p.stderr

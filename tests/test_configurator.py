@@ -23,7 +23,8 @@ print('RESULT', repr((batch_size, learning_rate, compile, device, n_exp)))
 def run(tmp_path, *args):
     script = tmp_path / 'script.py'
     script.write_text(SCRIPT.format(configurator=os.path.join(ROOT, 'configurator.py')))
-    p = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=tmp_path)
+    p = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=300)
     result = [line for line in p.stdout.splitlines() if line.startswith('RESULT')]
     return p.returncode, (eval(result[0][7:]) if result else None), p.stderr.strip()
 

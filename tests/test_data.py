@@ -20,7 +20,8 @@ def prepare(name, tmp_path, *args, runner=(), env=None):
     if 'HTTPS_PROXY' in (env or {}):  # no network: the hub client must try it, not be told it is offline
         env.pop('HF_HUB_OFFLINE', None)
     script = os.path.join(ROOT, 'data', name, 'prepare.py')
-    return subprocess.run([sys.executable, *runner, script, *args], capture_output=True, text=True, cwd=tmp_path, env=env)
+    return subprocess.run([sys.executable, *runner, script, *args], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=300)
 
 
 def gpt2():

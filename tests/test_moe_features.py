@@ -22,11 +22,16 @@ DROPLESS = dict(n_exp=4, top_k=2, train_capacity=0.0, eval_capacity=0.0)
 def test_upcycled_gpt2_from_local_dir_has_the_dense_logits(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=2, n_embd=32, n_positions=32, vocab_size=64)).save_pretrained(tmp_path)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=2, n_embd=32, n_positions=32, vocab_size=64))
+    with torch.no_grad():  # GPT-2's init zeroes the biases: random ones, so that each must be copied
+        for name, p in hf.named_parameters():
+            if name.endswith('.bias'):
+                p.normal_(0, 0.1)
+    hf.save_pretrained(tmp_path)
     dense = GPT.from_pretrained(str(tmp_path)).eval()
     moe = GPT.from_pretrained(str(tmp_path), dict(dropout=0.0)).upcycle(**DROPLESS).eval()
     assert [type(b.mlp).__name__ for b in moe.transformer.h] == ['MOELayer', 'MLP', 'MOELayer']
-    idx = torch.randint(0, 64, (2, 32))
+    idx = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(moe(idx, idx)[0], dense(idx, idx)[0], atol=1e-5, rtol=1e-5)
     experts = moe.transformer.h[0].mlp.experts

@@ -216,24 +216,33 @@ def six_tokens_that_prefer_expert_0_then_1(layer):
         layer.router.w_g.weight[1, 0] = 1.0
     x = torch.zeros(1, 6, 16)
     x[0, :, 0] = 1.0
-    x[0, :, 1:] = torch.randn(6, 15)
+    x[0, :, 1:] = torch.randn(6, 15, generator=torch.Generator().manual_seed(0))
     return x
 
 
-def test_capacity_drops_second_choices_first():
-    # 2 slots per expert: the 2nd choices of tokens 0 and 1 are kept by expert 1 only because
-    # first choices fill first, in token order
-    layer = make_layer(n_exp=4, top_k=2, train_capacity=0.25, min_capacity=2)  # cap = max(floor(1), 2) = 2
-    x = six_tokens_that_prefer_expert_0_then_1(layer)
+def test_capacity_drops_second_choices_first(expert_path):
+    # 2 slots per expert; tokens alternate between experts 0 then 1 (logits 3, 1) and 1 then 0 (logits 1, 3).
+    # First choices fill first, in token order: tokens 0 and 2 take expert 0's slots, 1 and 3 expert 1's,
+    # every second choice is dropped and tokens 4 and 5 keep nothing. Filling token by token would keep
+    # both choices of tokens 0 and 1 instead, and filling from the last token the first choices of 2 to 5
+    layer = make_layer(n_exp=4, top_k=2, train_capacity=0.25, min_capacity=2)  # cap = max(floor(0.75), 2) = 2
+    with torch.no_grad():
+        layer.router.w_g.weight.zero_()
+        layer.router.w_g.weight[:2, :2] = torch.tensor([[2.0, 1.0], [2.0, -1.0]])
+    x = torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(0))
+    x[0, :, 0] = 1.0
+    x[0, :, 1] = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
     MANAGER.reset()
-    layer.train()
-    y = layer(x)
+    y = layer.train()(x)[0]  # (6, C)
     tokens_per_expert, dropped = MANAGER.routing[0]
     assert tokens_per_expert.tolist() == [6, 6, 0, 0]
     assert dropped.item() == pytest.approx(8 / 12)
-    # tokens 2..5 lost both choices: the residual alone carries them
-    assert torch.all(y[0, 2:] == 0)
-    assert torch.all(y[0, :2].abs().sum(-1) > 0)
+    experts, gate = layer.experts, math.exp(3) / (math.exp(3) + math.exp(1))  # softmax of (3, 1)
+    for t, e in enumerate([0, 1, 0, 1]):
+        h = F.gelu(x[0, t] @ experts.c_fc[e] + experts.fc_bias[e, 0])
+        out = h @ experts.c_proj[e] + experts.proj_bias[e, 0]
+        torch.testing.assert_close(y[t], gate * out, atol=1e-6, rtol=1e-5)
+    assert torch.all(y[4:] == 0)  # the residual alone carries them
 
 
 def test_an_expert_that_overflows_reaches_only_the_tokens_it_keeps(expert_path):
@@ -275,7 +284,7 @@ def test_aux_loss_grows_with_imbalance():
 
 
 def test_router_full_prec_keeps_its_logits_float32_under_autocast():
-    x = torch.randn(2, 8, 16)
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
     ref_layer = make_layer(router_use_full_prec=False)
     MANAGER.reset()
     ref_layer(x)
@@ -346,16 +355,22 @@ def test_top1_router_learns_from_the_task_loss():
     assert layer.router.w_g.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize('device,dtype,compiling,sizes,expected', [
-    ('cpu', torch.float32, False, (32, 128), True),
-    ('cpu', torch.float32, False, (30, 120), False),  # rows of 120 bytes
-    ('cpu', torch.float32, False, (32, 30), False),
-    ('cpu', torch.bfloat16, False, (36, 144), False),  # rows of 72 bytes
-    ('cpu', torch.bfloat16, False, (40, 160), True),
-    ('cpu', torch.float32, True, (32, 128), False),  # tracing takes bf16 only
-])
-def test_grouped_matmul_only_where_its_kernel_accepts_the_shapes(device, dtype, compiling, sizes, expected):
-    assert model.use_grouped_mm(torch.device(device), dtype, compiling, sizes) is expected
+def grouped_mm_runs(dtype, C, H):
+    """ whether torch._grouped_mm takes the experts' two matmuls, (R, C) x (E, C, H) and (R, H) x (E, H, C) """
+    offs = torch.tensor([3, 6], dtype=torch.int32)
+    try:
+        torch._grouped_mm(torch.ones(6, C, dtype=dtype), torch.ones(2, C, H, dtype=dtype), offs=offs)
+        torch._grouped_mm(torch.ones(6, H, dtype=dtype), torch.ones(2, H, C, dtype=dtype), offs=offs)
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize('dtype,C,H', [(torch.float32, 32, 128), (torch.float32, 30, 120), (torch.float32, 32, 30),
+                                       (torch.bfloat16, 36, 144), (torch.bfloat16, 40, 160)])
+def test_grouped_matmul_on_cpu_exactly_where_torchs_kernel_takes_the_shapes(dtype, C, H):
+    assert model.use_grouped_mm(torch.device('cpu'), dtype, False, (C, H)) is grouped_mm_runs(dtype, C, H)
+    assert not model.use_grouped_mm(torch.device('cpu'), dtype, True, (C, H))  # tracing takes bf16 on CUDA only
 
 
 @pytest.mark.parametrize('major,dtype,expected', [(9, torch.bfloat16, True), (10, torch.bfloat16, True),

@@ -49,7 +49,8 @@ def dense_run(workdir):
 
 def fails_with(cwd, args, message, launcher_code=None):
     cmd = [sys.executable, TRAIN_PY, *args] if launcher_code is None else [sys.executable, '-c', launcher_code]
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert p.returncode != 0
     assert 'Traceback' not in p.stderr, p.stderr
     assert message is None or p.stderr.strip().splitlines()[-1] == message
@@ -190,7 +191,8 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(workdir, trained
     before = load_checkpoint(out / 'ckpt.pt', 'cpu')
     p = subprocess.run([sys.executable, '-c', launcher([*TINY, f'--out_dir={out}', '--init_from=resume',
                                                          '--max_iters=8', '--eval_interval=4'], KILLED_MID_SAVE)],
-                       cwd=workdir, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+                       cwd=workdir, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert p.returncode == 9 and 'saving checkpoint' in p.stdout
     after = load_checkpoint(out / 'ckpt.pt', 'cpu')
     assert after['iter_num'] == before['iter_num'] == 4
@@ -222,7 +224,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, trained, tmp_pat
     args = [*TINY, *MOE, f'--out_dir={out}', '--init_from=resume', '--max_iters=14', '--eval_interval=4',
             f'--log_interval={log_interval}']
     p = subprocess.run([sys.executable, '-c', launcher(args, NAN_FROM_ITER_10)], cwd=workdir, capture_output=True,
-                       text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert p.returncode == 1
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith(message), last
@@ -234,13 +236,21 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, trained, tmp_pat
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values())
 
 
-def test_a_float32_run_resumes_in_float16(workdir, trained, tmp_path):
-    """ the float32 run saved an empty GradScaler state; float16 turns the scaler on """
+def test_a_float16_resume_restores_the_grad_scaler(workdir, trained, tmp_path):
+    """ a GradScaler state far from a fresh scaler's (scale 65536, no steps since the last growth) must come back:
+    the two steps after it neither overflow at scale 1024 nor reach growth_interval 2000, so only the count of
+    steps without an inf moves """
     out = tmp_path / 'out'
     shutil.copytree(trained, out)
-    train(workdir, *TINY, *MOE, f'--out_dir={out}', '--init_from=resume', '--dtype=float16', '--max_iters=6', '--eval_interval=6')
     ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
-    assert ckpt['iter_num'] == 6 and ckpt['scaler']['scale'] > 0
+    ckpt['scaler'] = dict(scale=1024.0, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000,
+                          _growth_tracker=7)
+    torch.save(ckpt, out / 'ckpt.pt')
+    train(workdir, *TINY, *MOE, f'--out_dir={out}', '--init_from=resume', '--dtype=float16', '--max_iters=6',
+          '--eval_interval=6')
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    assert ckpt['iter_num'] == 6
+    assert ckpt['scaler']['scale'] == 1024.0 and ckpt['scaler']['_growth_tracker'] == 9  # iterations 4 and 5
 
 
 # -----------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def sample(tmp_path, *args, script=os.path.join(ROOT, 'sample.py'), **env):
     # forwards several times slower
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TIKTOKEN_CACHE_DIR': TIKTOKEN_CACHE, **env}
     return subprocess.run([sys.executable, script, '--device=cpu', *args],
-                          capture_output=True, text=True, cwd=tmp_path, env=env)
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
 
 
 # sample.py run in a process that then reports what its output cannot show: the dtypes of the
@@ -171,6 +171,31 @@ def test_dtype_autocasts_on_cpu_as_train_does(tmp_path, dtype):
     output, dtypes, graphs, _ = sample_probed(tmp_path, f'--out_dir={out_dir}', '--num_samples=1', '--max_new_tokens=3',
                                               f'--dtype={dtype}')
     assert dtypes == [f'torch.{dtype}'] and graphs == 0
+
+
+GENERATE_ARGS = """
+import runpy
+import sys
+sys.path.insert(0, {root!r})
+import model
+generate = model.GPT.generate
+def generate_reporting(self, idx, max_new_tokens, **kwargs):
+    print('GENERATE', sorted(kwargs.items()))
+    return generate(self, idx, max_new_tokens, **kwargs)
+model.GPT.generate = generate_reporting
+sys.argv[0] = {sample!r}
+runpy.run_path({sample!r}, run_name='__main__')
+"""
+
+
+def test_sampling_defaults_to_temperature_0_8_and_top_k_200(tmp_path):
+    # generate itself is checked against a nanoGPT sampling loop in test_model.py
+    _, out_dir = write_run(tmp_path, n_exp=1)
+    probe = tmp_path / 'probe.py'
+    probe.write_text(GENERATE_ARGS.format(root=ROOT, sample=os.path.join(ROOT, 'sample.py')))
+    p = sample(tmp_path, f'--out_dir={out_dir}', '--num_samples=1', '--max_new_tokens=2', script=str(probe))
+    assert p.returncode == 0, p.stderr
+    assert "GENERATE [('temperature', 0.8), ('top_k', 200)]" in p.stdout.splitlines()
 
 
 @pytest.mark.parametrize('arg,message', [

@@ -4,10 +4,8 @@ Runs that several tests read are module fixtures: one run, an assertion per test
 """
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import fields
 
 import pytest
@@ -45,6 +43,16 @@ def test_a_run_evaluates_and_saves_its_last_iteration_once(workdir, moe_run):
 def test_step_line_shows_aux_loss_drops_and_tokens_per_second(moe_run):
     _, p = moe_run
     assert 'aux 1.0' in p.stdout and 'drop' in p.stdout and 'tok/s' in p.stdout
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine_to_min_lr(moe_run):
+    # TINY: learning_rate 3e-3, warmup_iters 2, lr_decay_iters 40; min_lr 6e-5, train.py's default.
+    # nanoGPT's schedule: lr * (it + 1) / (warmup + 1) while warming up, then half a cosine period
+    # from lr down to min_lr over iterations 2 to 40, whose middle, 21, is halfway
+    out, _ = moe_run
+    lr = dict(logged(out, 'lr'))
+    expected = {0: 1e-3, 1: 2e-3, 2: 3e-3, 21: (3e-3 + 6e-5) / 2, 40: 6e-5}
+    assert {i: lr[i] for i in expected} == pytest.approx(expected, rel=1e-9)
 
 
 def test_checkpoint_holds_every_gpt_config_key(moe_run):
@@ -93,7 +101,7 @@ def test_train_seconds_add_up_the_steps_and_leave_evals_out(moe_run):
 def test_plot_script_draws_the_loss_and_expert_load_of_a_run(workdir, moe_run):
     out, _ = moe_run
     p = subprocess.run([sys.executable, os.path.join(ROOT, 'assets', 'plot.py'), str(out), '--labels=moe',
-                        f'--out={workdir}/plots'], capture_output=True, text=True)
+                        f'--out={workdir}/plots'], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     for name in ('loss.png', 'expert_load_moe.png'):
         png = workdir / 'plots' / name
@@ -284,21 +292,30 @@ def test_torchrun_with_fewer_micro_steps_than_processes_says_once_what_to_add(wo
     assert p.stderr.index(error) < p.stderr.index('ChildFailedError')  # then torchrun's report of the failure
 
 
-def test_ctrl_c_prints_one_line_on_how_to_resume(workdir):
+# Ctrl-C the moment ckpt.pt has been renamed into place, before train.py can note which iteration it holds
+CTRL_C_AFTER_THE_RENAME = """
+import os, sys, signal, runpy
+replace = os.replace
+def replace_then_ctrl_c(src, dst):
+    replace(src, dst)
+    if dst.endswith('ckpt.pt'):
+        os.kill(os.getpid(), signal.SIGINT)
+os.replace = replace_then_ctrl_c
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_ctrl_c_during_a_save_names_the_iteration_on_disk(workdir):
     out = workdir / 'out-interrupted'
-    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *TINY, f'--out_dir={out}', '--max_iters=100000',
-           '--eval_interval=5']
-    p = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS='1'))
-    while not (out / 'ckpt.pt').exists() and p.poll() is None:  # a checkpoint, then Ctrl-C
-        time.sleep(0.1)
-    p.send_signal(signal.SIGINT)
-    stdout, stderr = p.communicate(timeout=120)
-    assert p.returncode == 130
-    assert 'Traceback' not in stderr, stderr
-    saved = torch.load(out / 'ckpt.pt', weights_only=False)['iter_num']
-    assert stdout.strip().splitlines()[-1].endswith(
-        f"{out}/ckpt.pt holds iter {saved}; continue with --init_from=resume --out_dir={out}")
+    p = train(workdir, *TINY, f'--out_dir={out}', '--max_iters=100', '--eval_interval=5',
+              launcher=[sys.executable, '-c', CTRL_C_AFTER_THE_RENAME], check=False)
+    assert p.returncode == 130, p.stderr[-3000:]
+    assert 'Traceback' not in p.stderr, p.stderr
+    assert torch.load(out / 'ckpt.pt', weights_only=False)['iter_num'] == 5
+    assert p.stdout.strip().splitlines()[-1] == (f"interrupted at iter 5: {out}/ckpt.pt holds iter 5; "
+                                                 f"continue with --init_from=resume --out_dir={out}")
 
 
 def test_odd_sizes_train_and_dropless_on_padded_slots_warns(workdir):
