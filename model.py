@@ -115,7 +115,8 @@ class Router(nn.Module):
         else:  # the bias picks the experts; the gates come from the unbiased logits
             topk_idx = (logits + self.expert_bias).topk(self.top_k, dim=-1).indices  # (N, k)
             topk_logits = logits.gather(-1, topk_idx)  # (N, k)
-        if self.top_k == 1:  # Switch eq. (2): p_i(x), so the task loss trains the router (a softmax of one logit is 1)
+        if self.top_k == 1:
+            # Switch eq. (2): p_i(x), so the task loss trains the router (a softmax of one logit is 1)
             gates = probs.gather(-1, topk_idx)  # (N, 1)
         else:
             # softmax over the chosen k only, Shazeer et al. 2017 eq. (3)-(5): the gates sum to 1
@@ -132,7 +133,7 @@ class Router(nn.Module):
             # Equals 1 at perfect balance. f is a count and carries no gradient.
             f = tokens_per_expert.float() / (N * self.top_k)  # float32: bf16 cannot count past 256 exactly
             P = probs.mean(dim=0)  # (E,)
-            MANAGER.add_aux_loss(self.n_exp * torch.sum(f * P))
+            MANAGER.add_aux_loss(self.n_exp * torch.dot(f, P))
         if self.use_router_z_loss:
             # router z-loss, ST-MoE eq. (5): keeps router logits small
             MANAGER.add_router_z_loss(torch.logsumexp(logits.float(), dim=-1).pow(2).mean())
@@ -158,25 +159,26 @@ class MLPExperts(nn.Module):
         self.fc_bias = nn.Parameter(torch.empty(E, 1, H)) if config.bias else None
         self.proj_bias = nn.Parameter(torch.empty(E, 1, C)) if config.bias else None
 
-    def forward(self, x, offs=None):
-        """ x (R, C): the rows of expert 0, then of expert 1, ... Grouped layout: expert e's rows end at offs[e],
-        one grouped matmul. Padded layout (offs None): cap rows each, R = E*cap, one batched matmul. """
+    def forward(self, x, offs=None, row_expert=None):
+        """ x (R, C): the rows of expert 0, then of expert 1, ... Grouped layout: expert e's rows end at
+        offs[e], row_expert (R,) names each row's expert (for the biases); one grouped matmul. Padded layout
+        (offs None): cap rows each, R = E*cap, one batched matmul. """
         if offs is None:
             x = x.view(self.c_fc.size(0), -1, x.size(-1))  # (E, cap, C)
             # baddbmm adds the bias inside the matmul, and autocasts it along with the weights
-            h = torch.bmm(x, self.c_fc) if self.fc_bias is None else torch.baddbmm(self.fc_bias, x, self.c_fc)
-            h = F.gelu(h)  # (E, cap, H)
-            h = torch.bmm(h, self.c_proj) if self.proj_bias is None else torch.baddbmm(self.proj_bias, h, self.c_proj)
+            if self.fc_bias is None:
+                h = torch.bmm(F.gelu(torch.bmm(x, self.c_fc)), self.c_proj)  # (E, cap, C)
+            else:
+                h = F.gelu(torch.baddbmm(self.fc_bias, x, self.c_fc))  # (E, cap, H)
+                h = torch.baddbmm(self.proj_bias, h, self.c_proj)  # (E, cap, C)
             return h.view(-1, h.size(-1))  # (R, C)
-        # torch._grouped_mm does no autocast: cast to the autocast dtype here
+        # F.grouped_mm does no autocast: cast to the autocast dtype here. Its bias argument is not implemented
+        # (torch 2.13), so each row gathers its expert's bias; index_select's backward is an index_add
         dtype = _compute_dtype(x)
-        h = torch._grouped_mm(x.to(dtype), self.c_fc.to(dtype), offs=offs)  # (R, H)
+        h = F.grouped_mm(x.to(dtype), self.c_fc.to(dtype), offs=offs)  # (R, H)
         if self.fc_bias is not None:
-            # expert of each row; index_select, whose backward is an index_add, not an index_put
-            row = torch.arange(x.size(0), device=x.device, dtype=offs.dtype)  # (R,)
-            row_expert = torch.searchsorted(offs, row, right=True)  # (R,)
             h = h + self.fc_bias.squeeze(1).index_select(0, row_expert).to(dtype)
-        h = torch._grouped_mm(F.gelu(h), self.c_proj.to(dtype), offs=offs)  # (R, C)
+        h = F.grouped_mm(F.gelu(h), self.c_proj.to(dtype), offs=offs)  # (R, C)
         if self.proj_bias is not None:
             h = h + self.proj_bias.squeeze(1).index_select(0, row_expert).to(dtype)
         return h
@@ -188,7 +190,7 @@ def _compute_dtype(x):
 
 
 def use_grouped_mm(device, dtype, compiling, sizes):
-    """ The experts' layout: one grouped matmul over the k*N assignments (torch._grouped_mm), or a batched
+    """ The experts' layout: one grouped matmul over the k*N assignments (F.grouped_mm), or a batched
     matmul over E*cap padded slots. Grouped where torch has a kernel for it: CPU eager, and bf16 on sm90 and
     sm100 GPUs (Hopper, Blackwell: torch's CUTLASS path; other GPUs get a loop of matmuls, and tracing
     accepts bf16 only). Its operands' rows must be multiples of 16 bytes: `sizes` are the row lengths, C and H. """
@@ -201,7 +203,8 @@ def use_grouped_mm(device, dtype, compiling, sizes):
 
 
 class MOELayer(nn.Module):
-    """ Top-k routed experts with a capacity limit: routing, dispatch (sort by expert, gather), experts, combine """
+    """ Top-k routed experts with a capacity limit: routing, dispatch (sort by expert, gather), experts,
+    combine (index_add) """
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -237,44 +240,44 @@ class MOELayer(nn.Module):
         # routing
         gates, topk_idx, tokens_per_expert = self.router(x)  # (N, k), (N, k), (E,)
         cap = N if dropless else self.capacity(N)
-        kept_per_expert = tokens_per_expert.clamp(max=cap)  # (E,)
 
         # dispatch. Numbering assignments a = j*N + t and stably sorting them by expert lists each expert's
         # assignments with all first choices, in token order, before any second choice: the order its slots
         # fill in. Its first cap are kept, the rest dropped (Switch §2.2).
         sorted_expert, sorted_assignment = torch.sort(topk_idx.t().reshape(-1), stable=True)  # (k*N,), (k*N,)
-        expert_end = torch.cumsum(tokens_per_expert, 0)  # (E,) where expert e's assignments end in sorted_assignment
-        expert_start = expert_end - tokens_per_expert  # (E,) and where they start
-        # Each row of the experts' input gathers one assignment's token. A row without a kept assignment (a
-        # dropped one, a padding slot) gets a zero input and gate 0: it adds nothing to any output or gradient,
-        # and an expert that would overflow on some token (float16) reaches no token it did not keep.
+        # where expert e's assignments end in sorted_assignment, and where they start
+        expert_end = torch.cumsum(tokens_per_expert, 0)  # (E,)
+        expert_start = expert_end - tokens_per_expert  # (E,)
         H = self.experts.c_fc.size(-1)
         if use_grouped_mm(x.device, _compute_dtype(x), torch.compiler.is_compiling(), (C, H)):
             # R = k*N rows in sorted order, expert e's ending at offs[e]. A dropped assignment keeps its
             # row: its expert runs one row more, and no gather is spent packing the kept ones tighter
-            offs = expert_end.to(torch.int32)
-            row_assignment = sorted_assignment  # (R,)
+            offs = expert_end.to(torch.int32)  # (E,)
+            row_expert, row_assignment = sorted_expert, sorted_assignment  # (R,), (R,)
             row_kept = torch.arange(k * N, device=x.device) - expert_start[sorted_expert] < cap  # (R,)
         else:
             # R = E*cap rows, cap slots per expert: slot s of expert e holds e's s-th assignment, if e kept it
             offs = None
             row = torch.arange(E * cap, device=x.device)  # (R,)
             row_expert, slot = row // cap, row % cap  # (R,), (R,)
-            row_kept = slot < kept_per_expert[row_expert]  # (R,)
+            row_kept = slot < tokens_per_expert[row_expert]  # (R,)
             row_assignment = sorted_assignment[(expert_start[row_expert] + slot).clamp(max=k * N - 1)]  # (R,)
-        row_token = row_assignment % N  # (R,)
+        # A row without a kept assignment (a dropped one, a padding slot) reads and writes token N, a zero row
+        # past the real ones: it adds nothing to any output or gradient, and an expert that would overflow on
+        # some token (float16) reaches no token it did not keep. No mask multiplies (R, C) rows.
+        row_token = torch.where(row_kept, row_assignment % N, N)  # (R,)
         # a gather, whose backward is an index_add, not a scatter of tokens into a buffer
-        x_in = torch.where(row_kept.unsqueeze(1), x.index_select(0, row_token), 0)  # (R, C)
+        x_in = F.pad(x, (0, 0, 0, 1)).index_select(0, row_token)  # (R, C)
 
         # experts
-        out = self.experts(x_in, offs)  # (R, C)
+        out = self.experts(x_in, offs, row_expert)  # (R, C)
 
         # combine: y_t = sum over t's kept assignments of gate * expert output. index_add adds a token's k
         # outputs onto zero: for k = 2 the same sum in any order, on any device
-        row_gate = torch.where(row_kept, gates.t().reshape(-1).index_select(0, row_assignment), 0)  # (R,)
-        y = out.new_zeros(N, C).index_add(0, row_token, out * row_gate.to(out.dtype).unsqueeze(1))  # (N, C)
+        row_gate = gates.t().reshape(-1).index_select(0, row_assignment).to(out.dtype)  # (R,)
+        y = out.new_zeros(N + 1, C).index_add(0, row_token, out * row_gate.unsqueeze(1))[:N]  # (N, C)
 
-        dropped_frac = 1.0 - kept_per_expert.sum().detach() / (k * N)
+        dropped_frac = 1.0 - row_kept.sum() / (k * N)
         MANAGER.add_routing_stats(self.layer_idx, tokens_per_expert.detach(), dropped_frac)
         y = self.dropout(y)
         if self.shared_experts is not None:
