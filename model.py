@@ -420,11 +420,11 @@ class GPT(nn.Module):
                     torch.nn.init.zeros_(b)
 
     def forward(self, idx, targets=None, cache=None, pos=None, dropless=False):
-        """ cache, pos (T,): generate's, see there. dropless: MoE layers keep every token, whatever the capacity, so
-        that a token's output never depends on the other tokens in the batch (generate, hellaswag.py) """
+        """ cache, pos (T,): generate's, see there. dropless: MoE layers keep every token, whatever the
+        capacity, so that a token's output never depends on the other tokens (generate, hellaswag.py) """
         MANAGER.reset()  # nothing from an earlier step or mode may leak into this one
         B, T = idx.size()
-        assert T <= self.config.block_size, f"cannot forward {T} tokens, the block size is {self.config.block_size}"
+        assert T <= self.config.block_size, f"cannot forward {T} tokens, block_size is {self.config.block_size}"
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device) if pos is None else pos  # (T,)
 
         tok_emb = self.transformer.wte(idx)  # token embeddings (B, T, C)

@@ -37,7 +37,7 @@ log_interval = 1  # iterations between log lines
 eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # if True, evaluate once (also a resumed run) and exit: no training, no checkpoint
 always_save_checkpoint = True  # if True, always save a checkpoint after each eval
-hellaswag = False  # if True, each eval also scores HellaSwag (hellaswag.py; GPT-2 BPE data only)
+hellaswag = False  # if True, each eval also scores HellaSwag (hellaswag.py), for GPT-2 BPE models
 hellaswag_items = 0  # HellaSwag items each eval scores; 0: all 10,042
 init_from = 'scratch'  # 'scratch', 'resume', 'gpt2*', a GPT-2 dir, or a run's out_dir (its weights); n_exp>1 upcycles
 # wandb logging
@@ -163,9 +163,9 @@ for split in ('train', 'val'):
         prepare = f"data/{dataset}/prepare.py" if os.path.exists(f'{data_dir}/prepare.py') else \
             f"data/openwebtext/prepare.py --input=<your documents> --out_dir={data_dir}"
         fail(f"{path} not found: run python {prepare} first")
-if hellaswag and os.path.exists(os.path.join(data_dir, 'meta.pkl')):  # the items are text in GPT-2's BPE tokens
-    fail(f"hellaswag=True scores a GPT-2 BPE model, but {dataset} has its own vocabulary ({data_dir}/meta.pkl): "
-         "train on a GPT-2 BPE dataset, or leave hellaswag off")
+if hellaswag and os.path.exists(os.path.join(data_dir, 'meta.pkl')):  # the items are text, in GPT-2's tokens
+    fail(f"hellaswag=True scores a GPT-2 BPE model, but {dataset} has its own vocabulary "
+         f"({data_dir}/meta.pkl): train on a GPT-2 BPE dataset, or leave hellaswag off")
 try:
     hs_items = hs.read_items(hs.PATH, hellaswag_items) if hellaswag else None
 except ValueError as e:
@@ -247,7 +247,7 @@ raw_model, cfg = model, model.config  # what we save: neither compiled nor wrapp
 # what runs is what the run records (ckpt.pt's config, run.json): the model's keys, given or saved
 config.update({k: model_args[k] for k in model_keys})
 block_size = cfg.block_size
-hs_data = hs.render(hs_items, block_size) if hellaswag else None  # token tensors (x, y, labels), see hellaswag.py
+hs_data = hs.render(hs_items, block_size) if hellaswag else None  # tensors x, y, labels: see hellaswag.py
 if cfg.n_exp == 1:
     for key, default in moe_defaults.items():
         if key in given and config[key] != default:
@@ -396,10 +396,10 @@ while True:
         losses = estimate_loss()
         stop_if_not_finite(losses['train'] + losses['val'], f"eval loss is {losses} at iter {iter_num}")
         if master_process:
-            scores = {k: v for k, v in losses.items() if k.startswith('hellaswag')}  # none unless hellaswag=True
+            scores = {k: v for k, v in losses.items() if k.startswith('hellaswag')}  # {} unless hellaswag
+            line = f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
             log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr, train_s=train_s,
-                     **scores),
-                f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{hs.line(scores)}",
+                     **scores), line + hs.line(scores),
                 {"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr,
                  "mfu": running_mfu * 100, **scores})
         if losses['val'] < best_val_loss or always_save_checkpoint:

@@ -18,21 +18,21 @@ import hellaswag as hs
 from model import GPT, GPTConfig
 from tokenizer import gpt2_encoding
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason=f"needs {SHARED_DATA}: GPT-2's BPE files")
+pytestmark = pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason=f"needs {SHARED_DATA}: GPT-2's BPE")
 os.environ.setdefault('TIKTOKEN_CACHE_DIR', os.path.join(SHARED_DATA, 'tiktoken_cache'))
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 
-# made-up items in HellaSwag's form; the endings' lengths differ, so that summed and mean losses pick differently
+# made-up items in HellaSwag's form; the endings' lengths differ, so summed and mean losses pick differently
 ITEMS = [
     dict(ctx="A woman is standing in a kitchen holding a bowl. She", label=0,
-         endings=["stirs the batter with a wooden spoon.", "jumps.", "throws the bowl out of the window and laughs "
-                  "loudly at the neighbours walking their dogs.", "puts the bowl on the counter."]),
+         endings=["stirs the batter with a wooden spoon.", "jumps.", "throws the bowl out of the window and "
+                  "laughs loudly at the neighbours walking their dogs.", "puts the bowl on the counter."]),
     dict(ctx="Two men are playing chess in a park. One of them", label=0,
-         endings=["moves his knight.", "eats the rook while the other man watches the pigeons fly over the trees.",
-                  "sleeps.", "shakes hands with the other man and they start a new game."]),
+         endings=["moves his knight.", "eats the rook while the other man watches the pigeons fly over the "
+                  "trees.", "sleeps.", "shakes hands with the other man and they start a new game."]),
     dict(ctx="A boy rides a bike down the street. He", label=0,
-         endings=["stops at the corner.", "rings the bell twice as a dog runs across the road in front of him.",
-                  "flies.", "waves to a friend."]),
+         endings=["stops at the corner.", "rings the bell twice as a dog runs across the road in front of "
+                  "him.", "flies.", "waves to a friend."]),
 ]
 TINY_GPT = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, bias=False, vocab_size=50304)
 MOE_GPT = dict(n_exp=4, top_k=2, eval_capacity=0.5)  # 0.5: an expert in eval keeps a quarter of the tokens
@@ -51,7 +51,7 @@ def tiny_model(**moe):
 
 @torch.no_grad()
 def hand_scores(model, item):
-    """ each ending's summed and mean loss, one unpadded row at a time: -log p(token | all tokens before it) """
+    """ each ending's summed and mean loss, one unpadded row at a time: -log p(token | the tokens before) """
     enc = gpt2_encoding()
     context = enc.encode(item['ctx'])
     sums, means = [], []
@@ -70,7 +70,7 @@ def labelled(model):
     sums, means = zip(*(hand_scores(model, item) for item in ITEMS))
     labels = [int(m.argmin()) for m in means]
     acc = sum(int(s.argmin()) == label for s, label in zip(sums, labels)) / len(ITEMS)
-    assert acc < 1  # summed and mean losses pick differently at least once, else acc and acc_norm could be swapped
+    assert acc < 1  # summed and mean losses pick differently at least once: a swap of acc and acc_norm shows
     return [{**item, 'label': label} for item, label in zip(ITEMS, labels)], acc
 
 
@@ -121,7 +121,8 @@ def test_moe_scores_do_not_depend_on_the_other_items_in_the_batch():
 
 @pytest.fixture(scope='module')
 def bpe_workdir(tmp_path_factory):
-    """ a GPT-2 BPE dataset of random tokens, and the stand-in items labelled by an MoE model saved as a run """
+    """ a GPT-2 BPE dataset of random tokens, and the stand-in items labelled by an MoE model saved as a run
+    (ITEMS labelled as labelled() does, the acc that gives) """
     work = tmp_path_factory.mktemp('hellaswag')
     (work / 'data' / 'bpe').mkdir(parents=True)
     tokens = np.random.default_rng(0).integers(50257, size=5000).astype(np.uint16)
@@ -130,7 +131,7 @@ def bpe_workdir(tmp_path_factory):
     model = tiny_model(**MOE_GPT)
     (work / 'model').mkdir()
     torch.save(dict(model=model.state_dict(), model_args=asdict(model.config)), work / 'model' / 'ckpt.pt')
-    dropless = tiny_model(**{**MOE_GPT, 'eval_capacity': 0.0})  # the same weights; a reference without hs.scores
+    dropless = tiny_model(**{**MOE_GPT, 'eval_capacity': 0.0})  # the same weights, dropless by its config
     items, acc = labelled(dropless)
     return work, items, acc
 
@@ -153,20 +154,23 @@ def test_missing_hellaswag_file_is_one_error_line_naming_prepare(bpe_workdir, tm
     (tmp_path / 'data').mkdir()
     os.symlink(work / 'data' / 'bpe', tmp_path / 'data' / 'bpe')
     p = train(tmp_path, '--dataset=bpe', '--device=cpu', '--hellaswag=True', check=False)
-    assert p.returncode == 1
-    assert p.stderr.splitlines() == [f"error: {hs.PATH} not found: run python data/hellaswag/prepare.py first"]
+    assert p.returncode == 1 and not os.path.exists(tmp_path / 'out')
+    assert p.stderr.splitlines() == [f"error: {hs.PATH} not found: run python data/hellaswag/prepare.py "
+                                     "first"]
 
 
 def test_char_level_dataset_with_hellaswag_is_one_error_line(workdir):
     p = train(workdir, *TINY, '--hellaswag=True', f'--out_dir={workdir / "out-hellaswag"}', check=False)
     assert p.returncode == 1 and len(p.stderr.splitlines()) == 1
-    assert p.stderr.startswith("error: hellaswag=True scores a GPT-2 BPE model, but shakespeare_char has its own")
+    assert p.stderr.startswith("error: hellaswag=True scores a GPT-2 BPE model, but shakespeare_char has its "
+                               "own vocabulary")
     assert not os.path.exists(workdir / 'out-hellaswag')
 
 
 def prepare(tmp_path, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'data', 'hellaswag', 'prepare.py'),
-                           f'--out_dir={tmp_path / "out"}', *args], capture_output=True, text=True, timeout=60)
+    script = os.path.join(ROOT, 'data', 'hellaswag', 'prepare.py')
+    return subprocess.run([sys.executable, script, f'--out_dir={tmp_path / "out"}', *args],
+                          capture_output=True, text=True, timeout=60)
 
 
 def test_prepare_takes_a_local_file(tmp_path):

@@ -10,14 +10,16 @@ import shutil
 import argparse
 import urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository root
+# the repository root, for hellaswag.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from hellaswag import read_items
 
 URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--input', help="a local copy of hellaswag_val.jsonl; default: download it")
-parser.add_argument('--out_dir', default=os.path.dirname(os.path.abspath(__file__)), help="where the file goes")
+parser.add_argument('--out_dir', default=os.path.dirname(os.path.abspath(__file__)),
+                    help="where hellaswag_val.jsonl goes")
 args = parser.parse_args()
 
 if args.input is not None and not os.path.isfile(args.input):
