@@ -297,9 +297,9 @@ class Block(nn.Module):
         use_moe = config.n_exp > 1 and layer_idx % config.stride == 0
         self.mlp = MOELayer(config, layer_idx) if use_moe else MLP(config)
 
-    def forward(self, x, kv_cache=None, pos=None):
+    def forward(self, x, kv_cache=None, pos=None, dropless=False):
         x = x + self.attn(self.ln_1(x), kv_cache, pos)
-        mlp_args = {'dropless': True} if kv_cache is not None and isinstance(self.mlp, MOELayer) else {}  # generate
+        mlp_args = {'dropless': dropless} if isinstance(self.mlp, MOELayer) else {}
         return x + self.mlp(self.ln_2(x), **mlp_args)
 
 
@@ -422,17 +422,19 @@ class GPT(nn.Module):
                 if b is not None:
                     torch.nn.init.zeros_(b)
 
-    def forward(self, idx, targets=None, cache=None, pos=None):  # cache, pos (T,): generate's, see there
+    def forward(self, idx, targets=None, cache=None, pos=None, dropless=False):
+        """ cache, pos (T,): generate's, see there. dropless: MoE layers keep every token, whatever the
+        capacity, so that a token's output never depends on the other tokens (generate, hellaswag.py) """
         MANAGER.reset()  # nothing from an earlier step or mode may leak into this one
         B, T = idx.size()
-        assert T <= self.config.block_size, f"cannot forward {T} tokens, the block size is {self.config.block_size}"
+        assert T <= self.config.block_size, f"cannot forward {T} tokens, block_size is {self.config.block_size}"
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device) if pos is None else pos  # (T,)
 
         tok_emb = self.transformer.wte(idx)  # token embeddings (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # position embeddings (T, C)
         x = self.transformer.drop(tok_emb + pos_emb)
         for i, block in enumerate(self.transformer.h):
-            x = block(x) if cache is None else block(x, cache[i], pos)
+            x = block(x, dropless=dropless) if cache is None else block(x, cache[i], pos, dropless=True)
         x = self.transformer.ln_f(x)
 
         if targets is not None:

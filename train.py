@@ -30,6 +30,7 @@ from model import GPTConfig, GPT, DENSE_KEYS, use_grouped_mm, gpu_peak_flops, pi
 from checkpoint import check_run_dirs, load_checkpoint, model_from_checkpoint, load_weights, load_optimizer_state, \
     save_checkpoint, trim_log, write_run_record
 from manager import MANAGER
+import hellaswag as hs
 
 # -----------------------------------------------------------------------------
 # default config values designed to train a gpt2 (124M) on OpenWebText
@@ -40,6 +41,8 @@ log_interval = 1  # iterations between log lines
 eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # if True, evaluate once (also a resumed run) and exit: no training, no checkpoint
 always_save_checkpoint = True  # if True, always save a checkpoint after each eval
+hellaswag = False  # if True, each eval also scores HellaSwag (hellaswag.py), for GPT-2 BPE models
+hellaswag_items = 0  # HellaSwag items each eval scores; 0: all 10,042
 init_from = 'scratch'  # 'scratch', 'resume', 'gpt2*', a GPT-2 dir, or a run's out_dir (its weights); n_exp>1 upcycles
 # wandb logging
 wandb_log = False  # disabled by default
@@ -195,6 +198,13 @@ if decay_lr and not eval_only and warmup_iters >= max_iters:
 if decay_lr and not eval_only and not 0.5 * max_iters <= lr_decay_iters <= 1.1 * max_iters:
     print(f"warning: lr_decay_iters={lr_decay_iters} is far from max_iters={max_iters}: the cosine decay ends "
           f"{'after' if lr_decay_iters > max_iters else 'long before'} the run (set --lr_decay_iters={max_iters})")
+if hellaswag and os.path.exists(os.path.join(data_dir, 'meta.pkl')):  # the items are text, in GPT-2's tokens
+    fail(f"hellaswag=True scores a GPT-2 BPE model, but {dataset} has its own vocabulary "
+         f"({data_dir}/meta.pkl): train on a GPT-2 BPE dataset, or leave hellaswag off")
+try:
+    hs_items = hs.read_items(hs.PATH, hellaswag_items) if hellaswag else None
+except ValueError as e:
+    fail(e)
 
 # various inits, derived attributes, I/O setup
 if ddp:
@@ -272,6 +282,7 @@ raw_model, cfg = model, model.config  # what we save: neither compiled nor wrapp
 # what runs is what the run records (ckpt.pt's config, run.json): the model's keys, given or saved
 config.update({k: model_args[k] for k in model_keys})
 block_size = cfg.block_size
+hs_data = hs.render(hs_items, block_size) if hellaswag else None  # tensors x, y, labels: see hellaswag.py
 if cfg.n_exp == 1:
     for key, default in moe_defaults.items():
         if key in given and config[key] != default:
@@ -334,6 +345,8 @@ def estimate_loss():
         if ddp:
             torch.distributed.all_reduce(losses)  # each batch's loss plus zeros: exact
         out[split] = losses.mean().item()
+    if hellaswag:
+        out.update(hs.evaluate(eval_model, hs_data, batch_size, device, ctx, ddp_rank, ddp_world_size))
     eval_model.train()
     return out
 
@@ -426,10 +439,12 @@ while True:
         losses = estimate_loss()
         stop_if_not_finite(losses['train'] + losses['val'], f"eval loss is {losses} at iter {iter_num}")
         if master_process:
-            log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr, train_s=train_s),
-                f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
+            scores = {k: v for k, v in losses.items() if k.startswith('hellaswag')}  # {} unless hellaswag
+            line = f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+            log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr, train_s=train_s,
+                     **scores), line + hs.line(scores),
                 {"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr,
-                 "mfu": running_mfu * 100})
+                 "mfu": running_mfu * 100, **scores})
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and not eval_only:
