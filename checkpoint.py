@@ -3,8 +3,8 @@ What a run starts from and keeps in its out_dir, written so that a run killed at
 ckpt.pt, nanoGPT's checkpoint (model, optimizer, model_args, iter_num, best_val_loss, config) with the float16
 GradScaler's state and train_s; log.jsonl, one JSON record per log line and eval; and run.json, the record of
 the run (its config, the versions and the git commit that made it).
-Under FSDP and expert parallelism the state is gathered whole on rank 0 and written as one process writes it: a
-checkpoint resumes under DDP, FSDP, expert parallelism or one process alike.
+Under FSDP and expert parallelism the state is gathered whole on rank 0 and written as one process writes
+it: a checkpoint resumes under DDP, FSDP, expert parallelism or one process alike.
 """
 import os
 import re
@@ -116,8 +116,8 @@ def _param_names(model, optimizer):
 
 
 def load_optimizer_state(model, optimizer, scaler, checkpoint, fsdp):
-    """ AdamW's and the GradScaler's state from ckpt.pt; under FSDP and expert parallelism each process keeps its share
-    of the full state """
+    """ AdamW's and the GradScaler's state from ckpt.pt; under FSDP and expert parallelism each process keeps
+    its share of the full state """
     optim_state = checkpoint['optimizer']
     if checkpoint.get('scaler'):  # an empty dict unless the run trains in float16; absent in nanoGPT's format
         scaler.load_state_dict(checkpoint['scaler'])
@@ -131,8 +131,8 @@ def load_optimizer_state(model, optimizer, scaler, checkpoint, fsdp):
 
 def save_checkpoint(path, model, optimizer, scaler, fsdp, **run_state):
     """ Rank 0 writes ckpt.pt to a temporary file and renames it over path: a kill mid-write leaves the old one.
-    Every process calls this; under FSDP they send their shards to rank 0, which receives the full state on the CPU,
-    under expert parallelism their experts """
+    Every process calls this; under FSDP they send their shards to rank 0, which receives the full state on
+    the CPU, under expert parallelism their experts """
     if fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)

@@ -188,15 +188,15 @@ def _compute_dtype(x):
 
 
 def experts_elsewhere(experts, x, group):
-    """ Expert parallelism (GShard §2.2, Switch §2.3): the n processes of group hold E/n experts each, process i
-    experts i*E/n to (i+1)*E/n - 1. x (E*cap, C) is this process's padded layout; one all-to-all sends each process
-    the rows of its experts, they run there on cap rows from every process, a second all-to-all brings the outputs
-    back. Equal splits: fixed shapes, no host sync. Returns (E*cap, C) """
+    """ Expert parallelism (GShard §2.2, Switch §2.3): the n processes of group hold E/n experts each,
+    process i experts i*E/n to (i+1)*E/n - 1. x (E*cap, C) is this process's padded layout; one all-to-all
+    sends each process the rows of its experts, they run there on cap rows from every process, a second
+    all-to-all brings the outputs back. Equal splits: fixed shapes, no host sync. Returns (E*cap, C) """
     from torch.distributed._functional_collectives import all_to_all_single_autograd
     n, E_local, C = group.size(), experts.c_fc.size(0), x.size(-1)
     cap = x.size(0) // (n * E_local)
-    x = all_to_all_single_autograd(x, None, None, group)  # (n*E_local*cap, C): the rows process i sent, i = 0..n-1
-    x = x.view(n, E_local, cap, C).transpose(0, 1).reshape(-1, C)  # (E_local*n*cap, C): each local expert's rows
+    x = all_to_all_single_autograd(x, None, None, group)  # (n*E_local*cap, C): from process 0, 1, ...
+    x = x.view(n, E_local, cap, C).transpose(0, 1).reshape(-1, C)  # (E_local*n*cap, C): by local expert
     out = experts(x)  # the padded layout, n*cap slots per expert
     out = out.view(E_local, n, cap, C).transpose(0, 1).reshape(-1, C)  # (n*E_local*cap, C): by process
     return all_to_all_single_autograd(out, None, None, group)  # (E*cap, C)
@@ -228,7 +228,7 @@ class MOELayer(nn.Module):
         self.min_capacity = config.min_capacity
         self.router = Router(config)
         self.experts = MLPExperts(config)
-        self.ep_group = None  # expert parallelism: the processes this layer's experts are split over (parallel.py)
+        self.ep_group = None  # expert parallelism: the processes its experts are split over (parallel.py)
         self.dropout = nn.Dropout(config.dropout)
         # shared experts, DeepSeek-MoE §3.2 (https://arxiv.org/abs/2401.06066): every token uses
         # them; n_shared_exp experts of the routed width make one MLP n_shared_exp times as wide
@@ -266,8 +266,8 @@ class MOELayer(nn.Module):
         # and an expert that would overflow on some token (float16) reaches no token it did not keep.
         H = self.experts.c_fc.size(-1)
         # expert parallelism sends the padded layout, whose splits are equal (experts_elsewhere)
-        if self.ep_group is None and use_grouped_mm(x.device, _compute_dtype(x), torch.compiler.is_compiling(),
-                                                    (C, H)):
+        compiling = torch.compiler.is_compiling()
+        if self.ep_group is None and use_grouped_mm(x.device, _compute_dtype(x), compiling, (C, H)):
             # R = k*N rows in sorted order, expert e's ending at offs[e]. A dropped assignment keeps its
             # row: its expert runs one row more, and no gather is spent packing the kept ones tighter
             offs = expert_end.to(torch.int32)
@@ -408,8 +408,8 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def get_num_params(self, non_embedding=True, active=False):
-        """ non_embedding leaves out wpe (wte is lm_head's); active counts the top_k of n_exp experts a token runs.
-        Every expert counts, those that other processes hold under expert parallelism too """
+        """ non_embedding leaves out wpe (wte is lm_head's); active counts the top_k of n_exp experts a token
+        runs. Every expert counts, those that other processes hold under expert parallelism too """
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n_params -= self.transformer.wpe.weight.numel()

@@ -3,9 +3,9 @@ Expert parallelism (GShard §2.2, Switch §2.3) beside DDP, under torchrun:
 $ torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char_moe.py --ep_size=2
 The processes form groups of ep_size consecutive ranks (one node's GPUs first). Each process of a group holds
 n_exp/ep_size experts of every MoE layer, the group all of them once; the tokens travel to their experts
-(model.experts_elsewhere). The other weights are DDP's, on every process. An expert's gradient holds the tokens of
-its whole group (the all-to-all's backward brings them); the processes holding the same experts, one per group, sum
-theirs. Checkpoints hold the experts whole, as every other run's do.
+(model.experts_elsewhere). The other weights are DDP's, on every process. An expert's gradient holds the
+tokens of its whole group (the all-to-all's backward brings them); the processes holding the same experts,
+one per group, sum theirs. Checkpoints hold the experts whole, as every other run's do.
 """
 import torch
 import torch.distributed as dist
@@ -16,16 +16,19 @@ from model import MOELayer, MLPExperts
 
 
 def split_experts(model, ep_size):
-    """ Keep this process's share of every MoE layer's experts, experts r*E/n to (r+1)*E/n - 1 for rank r of its EP
-    group, and route through the group. Returns (the EP group, the group of the processes holding the same experts) """
+    """ Keep this process's share of every MoE layer's experts, experts r*E/n to (r+1)*E/n - 1 for rank r of
+    its EP group, and route through the group. Returns (the EP group, the group of the processes holding the
+    same experts as this one) """
     world = dist.get_world_size()
-    ep_group, _ = dist.new_subgroups_by_enumeration([list(range(s, s + ep_size)) for s in range(0, world, ep_size)])
+    ep_group, _ = dist.new_subgroups_by_enumeration([list(range(s, s + ep_size))
+                                                     for s in range(0, world, ep_size)])
     replicas, _ = dist.new_subgroups_by_enumeration([list(range(i, world, ep_size)) for i in range(ep_size)])
     for layer in model.modules():
         if isinstance(layer, MOELayer):
             layer.ep_group = ep_group
             for name, p in list(layer.experts.named_parameters()):
-                setattr(layer.experts, name, nn.Parameter(p.detach().chunk(ep_size)[ep_group.rank()].clone()))
+                share = p.detach().chunk(ep_size)[ep_group.rank()].clone()
+                setattr(layer.experts, name, nn.Parameter(share))
     return ep_group, replicas
 
 
@@ -43,13 +46,14 @@ def ddp_ignore_experts(model):
     reduce_expert_grads reduces their gradients, so DDP neither broadcasts nor all-reduces them """
     if expert_group(model) is not None:
         experts = _expert_ids(model)
-        DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in model.named_parameters()
-                                                                if id(p) in experts])
+        names = [n for n, p in model.named_parameters() if id(p) in experts]
+        DDP._set_params_and_buffers_to_ignore_for_model(model, names)
 
 
 def reduce_expert_grads(model, replicas):
-    """ After the last micro-step's backward: each expert's gradient summed over the processes holding it, divided
-    by the world size as DDP divides the others. Then every gradient is the one process's with the global batch """
+    """ After the last micro-step's backward: each expert's gradient summed over the processes holding it,
+    divided by the world size as DDP divides the others. Every gradient is then one process's on the global
+    batch """
     experts = _expert_ids(model)
     for p in model.parameters():
         if id(p) in experts and p.grad is not None:
@@ -59,9 +63,9 @@ def reduce_expert_grads(model, replicas):
 
 
 def clip_grad_norm_(model, max_norm, ep_group):
-    """ torch's clip_grad_norm_ of the whole model. Under expert parallelism each process holds its own experts'
-    gradients: their squares are summed over the EP group, every expert counted once, the others' taken as they are
-    (identical on every process) """
+    """ torch's clip_grad_norm_ of the whole model. Under expert parallelism each process holds its own
+    experts' gradients: their squares are summed over the EP group, every expert counted once; the others
+    are the same on every process """
     if ep_group is None:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     experts = _expert_ids(model)
@@ -88,8 +92,8 @@ def _expert_state(model, optimizer, model_state, optim_state, change):
 
 
 def whole_experts(model, optimizer):
-    """ the model's and optimizer's state dicts, under expert parallelism with the experts gathered whole: every
-    process of the EP group calls this """
+    """ The model's and optimizer's state dicts, under expert parallelism with the experts gathered whole:
+    every process of the EP group calls this """
     model_state, optim_state = model.state_dict(), optimizer.state_dict()
     group = expert_group(model)
     if group is None:
@@ -103,8 +107,10 @@ def whole_experts(model, optimizer):
 
 
 def my_experts(model, optimizer, optim_state):
-    """ a checkpoint's optimizer state (the experts' whole), under expert parallelism with this process's share """
+    """ a checkpoint's optimizer state (the experts' whole), under expert parallelism with this process's
+    share """
     group = expert_group(model)
     if group is None:
         return optim_state
-    return _expert_state(model, optimizer, {}, optim_state, lambda t: t.chunk(group.size())[group.rank()].clone())[1]
+    share = lambda t: t.chunk(group.size())[group.rank()].clone()
+    return _expert_state(model, optimizer, {}, optim_state, share)[1]

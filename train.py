@@ -89,7 +89,7 @@ min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinch
 # DDP settings
 backend = ''  # '' picks: 'nccl' on CUDA, 'gloo' on CPU
 fsdp = False  # under torchrun: shard weights, gradients and AdamW state over the processes (FSDP2), for big models
-ep_size = 1  # under torchrun: split each MoE layer's experts over groups of ep_size processes (expert parallelism)
+ep_size = 1  # under torchrun: each MoE layer's experts split over groups of ep_size processes (parallel.py)
 # system
 device = ''  # '' picks: cuda if there, else mps, else cpu. Or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = ''  # '' picks: bfloat16 where CUDA supports it, else float16 (GradScaler) on CUDA, float32 elsewhere
@@ -153,7 +153,7 @@ if ep_size > 1 and not ddp:
     fail(f"ep_size={ep_size} splits the experts over the processes torchrun starts: "
          f"run torchrun --standalone --nproc_per_node=N train.py ... --ep_size={ep_size}")
 if ep_size < 1 or ddp_world_size % ep_size != 0:
-    fail(f"ep_size={ep_size} does not divide the {ddp_world_size} processes: pick a divisor of {ddp_world_size}")
+    fail(f"ep_size={ep_size} does not divide the {ddp_world_size} processes: pick a divisor of them")
 if ep_size > 1 and (fsdp or dtype == 'float16'):
     fail("ep_size > 1 runs beside DDP, without a GradScaler (each process sees only its experts' gradients): "
          "leave fsdp=False, and use --dtype=bfloat16 or float32")
