@@ -554,11 +554,14 @@ class GPT(nn.Module):
         # the mesh of the training device type: FSDP's default is the machine's accelerator
         mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
         mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        # experts split by expert parallelism (parallel.py) stay where they are, whole
+        split = {p for m in self.modules() if isinstance(m, MOELayer) and m.ep_group is not None
+                 for p in m.experts.parameters()}
         for block in self.transformer.h:
             if self.config.router_use_full_prec and hasattr(block.mlp, 'router'):
                 fully_shard(block.mlp.router, mesh=mesh)  # float32 weights: router_use_full_prec runs it in float32
-            fully_shard(block, mesh=mesh, mp_policy=mp_policy)
-        fully_shard(self, mesh=mesh, mp_policy=mp_policy)
+            fully_shard(block, mesh=mesh, mp_policy=mp_policy, ignored_params=split)
+        fully_shard(self, mesh=mesh, mp_policy=mp_policy, ignored_params=split)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # weight decay on matmul weights and embeddings (2D and the stacked 3D expert weights);
@@ -573,6 +576,9 @@ class GPT(nn.Module):
         # fused AdamW where available, CPU too: unfused it is a loop of small ops per tensor, and MoE models have many
         use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'cpu')
         extra_args = dict(fused=True) if use_fused else dict()
+        if len({type(p) for p in decay_params + nodecay_params}) > 1:
+            # FSDP's DTensors beside expert parallelism's experts: fused and foreach take one kind per call
+            use_fused, extra_args = False, dict(foreach=False)
         optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
         print(f"using fused AdamW: {use_fused}")
         return optimizer

@@ -1,10 +1,10 @@
 """
-Expert parallelism (GShard §2.2, Switch §2.3) beside DDP, under torchrun:
+Expert parallelism (GShard §2.2, Switch §2.3) beside DDP or FSDP, under torchrun:
 $ torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char_moe.py --ep_size=2
 The processes form groups of ep_size consecutive ranks (one node's GPUs first). Each process of a group holds
 n_exp/ep_size experts of every MoE layer, the group all of them once; the tokens travel to their experts
-(model.experts_elsewhere). The other weights are DDP's, on every process. An expert's gradient holds the
-tokens of its whole group (the all-to-all's backward brings them); the processes holding the same experts,
+(model.experts_elsewhere). The other weights are DDP's or FSDP's, as without it. An expert's gradient holds
+the tokens of its whole group (the all-to-all's backward brings them); the processes holding the same experts,
 one per group, sum theirs. Checkpoints hold the experts whole, as every other run's do.
 """
 import torch
@@ -71,39 +71,34 @@ def clip_grad_norm_(model, max_norm, ep_group):
     experts = _expert_ids(model)
     grads = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in experts]
     expert_grads = [p.grad for p in model.parameters() if p.grad is not None and id(p) in experts]
+    norm = torch.nn.utils.get_total_norm(grads)
+    norm = norm.full_tensor() if hasattr(norm, 'full_tensor') else norm  # FSDP's: over the shards
     expert_square = torch.nn.utils.get_total_norm(expert_grads) ** 2
     dist.all_reduce(expert_square, group=ep_group)
-    total_norm = (torch.nn.utils.get_total_norm(grads) ** 2 + expert_square).sqrt()
-    torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total_norm)
+    total_norm = (norm ** 2 + expert_square).sqrt()
+    # torch's clip coefficient, a float: FSDP's gradients (DTensors) take no plain tensor factor
+    clip_coef = min(max_norm / (total_norm.item() + 1e-6), 1.0)
+    for g in grads + expert_grads:
+        g.mul_(clip_coef)
     return total_norm
 
 
-def _expert_state(model, optimizer, model_state, optim_state, change):
-    """ model_state and optim_state (the model's and the optimizer's state dicts) with change applied to every
-    tensor of an expert weight: the weight and its AdamW moments ('step' is a scalar, the same for all) """
-    experts = _expert_ids(model)
-    names = {n for n, p in model.named_parameters() if id(p) in experts}
-    params = [p for group in optimizer.param_groups for p in group['params']]  # by their index in optim_state
-    model_state = {k: change(v) if k in names else v for k, v in model_state.items()}
-    optim_state = {**optim_state, 'state': {i: {k: change(v) if id(params[i]) in experts and v.dim() else v
-                                                for k, v in state.items()}
-                                            for i, state in optim_state['state'].items()}}
-    return model_state, optim_state
-
-
 def whole_experts(model, optimizer):
-    """ The model's and optimizer's state dicts, under expert parallelism with the experts gathered whole:
-    every process of the EP group calls this """
-    model_state, optim_state = model.state_dict(), optimizer.state_dict()
+    """ Under expert parallelism, the experts gathered whole over the EP group: {name: weight} and {name: its
+    AdamW state}; every process of the group calls this. Else ({}, {}) """
     group = expert_group(model)
     if group is None:
-        return model_state, optim_state
+        return {}, {}
 
     def gather(t):
         parts = [torch.empty_like(t) for _ in range(group.size())]
-        dist.all_gather(parts, t.contiguous(), group=group)
+        dist.all_gather(parts, t.detach().contiguous(), group=group)
         return torch.cat(parts)
-    return _expert_state(model, optimizer, model_state, optim_state, gather)
+    experts = _expert_ids(model)
+    named = [(n, p) for n, p in model.named_parameters() if id(p) in experts]
+    # AdamW's moments gathered, its 'step' (a scalar, the same everywhere) as it is
+    return ({n: gather(p) for n, p in named},
+            {n: {k: gather(v) if v.dim() else v for k, v in optimizer.state[p].items()} for n, p in named})
 
 
 def my_experts(model, optimizer, optim_state):
@@ -112,5 +107,9 @@ def my_experts(model, optimizer, optim_state):
     group = expert_group(model)
     if group is None:
         return optim_state
+    experts = _expert_ids(model)
+    params = [p for g in optimizer.param_groups for p in g['params']]  # by their index in optim_state
     share = lambda t: t.chunk(group.size())[group.rank()].clone()
-    return _expert_state(model, optimizer, {}, optim_state, share)[1]
+    state = {i: {k: share(v) if id(params[i]) in experts and v.dim() else v for k, v in s.items()}
+             for i, s in optim_state['state'].items()}
+    return {**optim_state, 'state': state}

@@ -154,9 +154,9 @@ if ep_size > 1 and not ddp:
          f"run torchrun --standalone --nproc_per_node=N train.py ... --ep_size={ep_size}")
 if ep_size < 1 or ddp_world_size % ep_size != 0:
     fail(f"ep_size={ep_size} does not divide the {ddp_world_size} processes: pick a divisor of them")
-if ep_size > 1 and (fsdp or dtype == 'float16'):
-    fail("ep_size > 1 runs beside DDP, without a GradScaler (each process sees only its experts' gradients): "
-         "leave fsdp=False, and use --dtype=bfloat16 or float32")
+if ep_size > 1 and dtype == 'float16':
+    fail("ep_size > 1 does not train in float16 (its GradScaler would see only this process's experts' "
+         "gradients): use --dtype=bfloat16 or float32")
 if gradient_accumulation_steps % ddp_world_size != 0:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the {ddp_world_size} "
          "processes: make it a multiple")
