@@ -3,8 +3,8 @@ What a run starts from and keeps in its out_dir, written so that a run killed at
 ckpt.pt, nanoGPT's checkpoint (model, optimizer, model_args, iter_num, best_val_loss, config) with the float16
 GradScaler's state and train_s; log.jsonl, one JSON record per log line and eval; and run.json, the record of
 the run (its config, the versions and the git commit that made it).
-Under FSDP the state is gathered whole on rank 0 and written as one process writes it: a checkpoint resumes under
-DDP, FSDP or one process alike.
+Under FSDP and expert parallelism the state is gathered whole on rank 0 and written as one process writes
+it: a checkpoint resumes under DDP, FSDP, expert parallelism or one process alike.
 """
 import os
 import re
@@ -17,6 +17,7 @@ from dataclasses import asdict
 import torch
 
 from model import GPT, GPTConfig, DENSE_KEYS, RUN_SETTINGS
+from parallel import whole_experts, my_experts
 
 
 def check_run_dirs(init_from, out_dir, eval_only):
@@ -115,8 +116,10 @@ def _param_names(model, optimizer):
 
 
 def load_optimizer_state(model, optimizer, scaler, checkpoint, fsdp):
-    """ AdamW's and the GradScaler's state from ckpt.pt; under FSDP each process keeps its shard of the full state """
-    optim_state = checkpoint['optimizer']
+    """ AdamW's and the GradScaler's state from ckpt.pt; under FSDP and expert parallelism each process keeps
+    its share of the full state """
+    optim_state = my_experts(model, optimizer, checkpoint['optimizer'])
+    kernels = [{k: g[k] for k in ('fused', 'foreach') if k in g} for g in optimizer.param_groups]
     if checkpoint.get('scaler'):  # an empty dict unless the run trains in float16; absent in nanoGPT's format
         scaler.load_state_dict(checkpoint['scaler'])
     if fsdp:
@@ -125,24 +128,30 @@ def load_optimizer_state(model, optimizer, scaler, checkpoint, fsdp):
                                  options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(optim_state)
+    for group, kernel in zip(optimizer.param_groups, kernels):  # this run's AdamW kernels, not the saved one's
+        group.update(kernel)
 
 
 def save_checkpoint(path, model, optimizer, scaler, fsdp, **run_state):
     """ Rank 0 writes ckpt.pt to a temporary file and renames it over path: a kill mid-write leaves the old one.
-    Every process calls this; under FSDP they send their shards to rank 0, which receives the full state on the CPU """
+    Every process calls this; under FSDP they send their shards to rank 0, which receives the full state on
+    the CPU, under expert parallelism their experts """
+    expert_weights, expert_moments = whole_experts(model, optimizer)  # under expert parallelism, from all
     if fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(model, options=options)
         optim_state = get_optimizer_state_dict(model, optimizer, options=options)
-        if torch.distributed.get_rank() != 0:
-            return
-        optim_state = _rekey(optim_state, {name: i for i, name in enumerate(_param_names(model, optimizer))})
-    elif torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return
+        names = _param_names(model, optimizer)  # once FSDP holds the sharded parameters again
     else:
-        model_state, optim_state = model.state_dict(), optimizer.state_dict()
+        names = _param_names(model, optimizer)
+        model_state, optim_state = model.state_dict(), _rekey(optimizer.state_dict(), dict(enumerate(names)))
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    model_state.update(expert_weights)
+    optim_state['state'].update(expert_moments)
+    optim_state = _rekey(optim_state, {name: i for i, name in enumerate(names)})
     print(f"saving checkpoint to {os.path.dirname(path)}")
     torch.save(dict(model=model_state, optimizer=optim_state, scaler=scaler.state_dict(), **run_state), path + '.tmp')
     os.replace(path + '.tmp', path)

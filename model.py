@@ -189,6 +189,21 @@ def _compute_dtype(x):
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
+def experts_elsewhere(experts, x, group):
+    """ Expert parallelism (GShard §2.2, Switch §2.3): the n processes of group hold E/n experts each,
+    process i experts i*E/n to (i+1)*E/n - 1. x (E*cap, C) is this process's padded layout; one all-to-all
+    sends each process the rows of its experts, they run there on cap rows from every process, a second
+    all-to-all brings the outputs back. Equal splits: fixed shapes, no host sync. Returns (E*cap, C) """
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
+    n, E_local, C = group.size(), experts.c_fc.size(0), x.size(-1)
+    cap = x.size(0) // (n * E_local)
+    x = all_to_all_single_autograd(x, None, None, group)  # (n*E_local*cap, C): from process 0, 1, ...
+    x = x.view(n, E_local, cap, C).transpose(0, 1).reshape(-1, C)  # (E_local*n*cap, C): by local expert
+    out = experts(x)  # the padded layout, n*cap slots per expert
+    out = out.view(E_local, n, cap, C).transpose(0, 1).reshape(-1, C)  # (n*E_local*cap, C): by process
+    return all_to_all_single_autograd(out, None, None, group)  # (E*cap, C)
+
+
 def use_grouped_mm(device, dtype, compiling, sizes):
     """ The experts' layout: one grouped matmul over the k*N assignments (F.grouped_mm), or a batched
     matmul over E*cap padded slots. Grouped where torch has a kernel for it: CPU eager, and bf16 on sm90 and
@@ -216,6 +231,7 @@ class MOELayer(nn.Module):
         self.min_capacity = config.min_capacity
         self.router = Router(config)
         self.experts = MLPExperts(config)
+        self.ep_group = None  # expert parallelism: the processes its experts are split over (parallel.py)
         self.dropout = nn.Dropout(config.dropout)
         # shared experts, DeepSeek-MoE §3.2 (https://arxiv.org/abs/2401.06066): every token uses
         # them; n_shared_exp experts of the routed width make one MLP n_shared_exp times as wide
@@ -249,7 +265,9 @@ class MOELayer(nn.Module):
         expert_end = torch.cumsum(tokens_per_expert, 0)  # (E,)
         expert_start = expert_end - tokens_per_expert  # (E,)
         H = self.experts.c_fc.size(-1)
-        if use_grouped_mm(x.device, _compute_dtype(x), torch.compiler.is_compiling(), (C, H)):
+        # expert parallelism sends the padded layout, whose splits are equal (experts_elsewhere)
+        compiling = torch.compiler.is_compiling()
+        if self.ep_group is None and use_grouped_mm(x.device, _compute_dtype(x), compiling, (C, H)):
             # R = k*N rows in sorted order, expert e's ending at offs[e]. A dropped assignment keeps its
             # row: its expert runs one row more, and no gather is spent packing the kept ones tighter
             offs = expert_end.to(torch.int32)  # (E,)
@@ -270,7 +288,10 @@ class MOELayer(nn.Module):
         x_in = F.pad(x, (0, 0, 0, 1)).index_select(0, row_token)  # (R, C)
 
         # experts
-        out = self.experts(x_in, offs, row_expert)  # (R, C)
+        if self.ep_group is None:
+            out = self.experts(x_in, offs, row_expert)  # (R, C)
+        else:  # expert parallelism: this process holds some of the experts, the group the others
+            out = experts_elsewhere(self.experts, x_in, self.ep_group)  # (R, C)
 
         # combine: y_t = sum over t's kept assignments of gate * expert output. index_add adds a token's k
         # outputs onto zero: for k = 2 the same sum in any order, on any device
@@ -390,15 +411,16 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def get_num_params(self, non_embedding=True, active=False):
-        """ non_embedding leaves out wpe (wte is lm_head's); active counts the top_k of n_exp experts a token runs """
+        """ non_embedding leaves out wpe (wte is lm_head's); active counts the top_k of n_exp experts a token
+        runs. Every expert counts, those that other processes hold under expert parallelism too """
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n_params -= self.transformer.wpe.weight.numel()
-        if active:
-            for m in self.modules():
-                if isinstance(m, MLPExperts):
-                    E = m.c_fc.size(0)
-                    n_params -= sum(p.numel() for p in m.parameters()) * (E - self.config.top_k) // E
+        for m in self.modules():
+            if isinstance(m, MLPExperts):
+                held = m.c_fc.size(0)  # the experts this process holds
+                per_expert = sum(p.numel() for p in m.parameters()) // held
+                n_params += per_expert * ((self.config.top_k if active else self.config.n_exp) - held)
         return n_params
 
     def _init_weights(self, module):
@@ -537,11 +559,14 @@ class GPT(nn.Module):
         # the mesh of the training device type: FSDP's default is the machine's accelerator
         mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
         mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        # experts split by expert parallelism (parallel.py) stay where they are, whole
+        split = {p for m in self.modules() if isinstance(m, MOELayer) and m.ep_group is not None
+                 for p in m.experts.parameters()}
         for block in self.transformer.h:
             if self.config.router_use_full_prec and hasattr(block.mlp, 'router'):
                 fully_shard(block.mlp.router, mesh=mesh)  # float32 weights: router_use_full_prec runs it in float32
-            fully_shard(block, mesh=mesh, mp_policy=mp_policy)
-        fully_shard(self, mesh=mesh, mp_policy=mp_policy)
+            fully_shard(block, mesh=mesh, mp_policy=mp_policy, ignored_params=split)
+        fully_shard(self, mesh=mesh, mp_policy=mp_policy, ignored_params=split)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # weight decay on matmul weights and embeddings (2D and the stacked 3D expert weights);
@@ -556,6 +581,9 @@ class GPT(nn.Module):
         # fused AdamW where available, CPU too: unfused it is a loop of small ops per tensor, and MoE models have many
         use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'cpu')
         extra_args = dict(fused=True) if use_fused else dict()
+        if len({type(p) for p in decay_params + nodecay_params}) > 1:
+            # FSDP's DTensors beside expert parallelism's experts: fused and foreach take one kind per call
+            use_fused, extra_args = False, dict(foreach=False)
         optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
         print(f"using fused AdamW: {use_fused}")
         return optimizer

@@ -1,7 +1,8 @@
 """
 Trains a GPT, dense or MoE, on one device (GPU, CPU or Apple silicon, picked automatically):
 $ python train.py config/train_shakespeare_char_moe.py
-or with DDP on 4 GPUs of one node (add --fsdp=True to shard the model instead of copying it):
+or with DDP on 4 GPUs of one node (add --fsdp=True to shard the model instead of copying it, or --ep_size=4 to
+split each MoE layer's experts over the GPUs):
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_nano_moe.py
 On several nodes, see the README's Scaling section.
 """
@@ -27,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
 
 from model import GPTConfig, GPT, DENSE_KEYS, use_grouped_mm, gpu_peak_flops, pick_device
+from parallel import split_experts, ddp_ignore_experts, reduce_expert_grads, clip_grad_norm_
 from checkpoint import check_run_dirs, load_checkpoint, model_from_checkpoint, load_weights, load_optimizer_state, \
     save_checkpoint, trim_log, write_run_record
 from manager import MANAGER
@@ -94,6 +96,7 @@ min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinch
 # DDP settings
 backend = ''  # '' picks: 'nccl' on CUDA, 'gloo' on CPU
 fsdp = False  # under torchrun: shard weights, gradients and AdamW state over the processes (FSDP2), for big models
+ep_size = 1  # under torchrun: each MoE layer's experts split over groups of ep_size processes (parallel.py)
 # system
 device = ''  # '' picks: cuda if there, else mps, else cpu. Or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = ''  # '' picks: bfloat16 where CUDA supports it, else float16 (GradScaler) on CUDA, float32 elsewhere
@@ -172,6 +175,14 @@ if fsdp and not ddp:
 if fsdp and dtype == 'float16':
     fail("fsdp=True does not train in float16 (its GradScaler would see only this process's shard of the gradients): "
          "use --dtype=bfloat16 or float32, or DDP")
+if ep_size > 1 and not ddp:
+    fail(f"ep_size={ep_size} splits the experts over the processes torchrun starts: "
+         f"run torchrun --standalone --nproc_per_node=N train.py ... --ep_size={ep_size}")
+if ep_size < 1 or ddp_world_size % ep_size != 0:
+    fail(f"ep_size={ep_size} does not divide the {ddp_world_size} processes: pick a divisor of them")
+if ep_size > 1 and dtype == 'float16':
+    fail("ep_size > 1 does not train in float16 (its GradScaler would see only this process's experts' "
+         "gradients): use --dtype=bfloat16 or float32")
 if gradient_accumulation_steps % ddp_world_size != 0:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the {ddp_world_size} "
          f"processes: it counts the micro-steps of all of them; add --gradient_accumulation_steps="
@@ -292,12 +303,17 @@ for split in ('train', 'val'):
     if os.path.getsize(path) // 2 < block_size + 1:
         fail(f"{path} has {os.path.getsize(path) // 2} tokens, fewer than block_size + 1 = {block_size + 1}: "
              "use a smaller --block_size or more data")
+if cfg.n_exp % ep_size != 0:
+    fail(f"n_exp={cfg.n_exp} is not divisible by ep_size={ep_size}: each process holds n_exp/ep_size experts")
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 dropless = cfg.n_exp > 1 and min(cfg.train_capacity, cfg.eval_capacity) <= 0
-if master_process and dropless and not use_grouped_mm(torch.device(device), ptdtype, compile,
-                                                      (cfg.n_embd, cfg.expert_hidden or 4 * cfg.n_embd)):
+if master_process and dropless and (ep_size > 1 or not use_grouped_mm(torch.device(device), ptdtype, compile,
+                                                      (cfg.n_embd, cfg.expert_hidden or 4 * cfg.n_embd))):
     print(f"warning: dropless routing here runs the experts on padded slots for all N tokens each: "
           f"n_exp/top_k = {cfg.n_exp / cfg.top_k:.1f}x the expert FLOPs and memory of the N*top_k assignments")
+ep_group = replicas = None  # expert parallelism's groups, see parallel.py
+if ep_size > 1:
+    ep_group, replicas = split_experts(model, ep_size)
 if fsdp:  # weights in dtype: with bf16 weights the residual stream is bf16 too
     model.shard(device_type, ptdtype)
 else:
@@ -317,6 +333,7 @@ if compile:
 # every expert runs every step (no find_unused_parameters); routers count their own process's tokens: no buffer
 # sync in forward, named forward_sync_buffers from torch 2.13 on (broadcast_buffers, deprecated there, before)
 if ddp and not fsdp:
+    ddp_ignore_experts(model)
     no_sync = next(k for k in ('forward_sync_buffers', 'broadcast_buffers')
                    if k in inspect.signature(DDP).parameters)
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, **{no_sync: False})
@@ -471,9 +488,11 @@ while True:
             logits, loss = model(X, Y)
             loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
         scaler.scale(loss).backward()
+    if ep_group is not None:
+        reduce_expert_grads(raw_model, replicas)
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        clip_grad_norm_(raw_model, grad_clip, ep_group)
     scale = scaler.get_scale()  # 1.0 unless float16
     scaler.step(optimizer)
     scaler.update()

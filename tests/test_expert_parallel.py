@@ -1,0 +1,103 @@
+"""
+train.py with ep_size=2 (expert parallelism beside DDP or FSDP): torchrun on 2 CPU processes (gloo), run as
+a user runs it, against one process with the same global batch.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, SHAKESPEARE, TINY, MOE, train, logged
+
+pytestmark = pytest.mark.skipif(not os.path.exists(SHAKESPEARE),
+                                reason="needs ../shared/data/tinyshakespeare")
+
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+# accumulation 2 per process under torchrun, 4 on one process; a clip that acts (its norm counts every expert)
+ARGS = [*TINY, '--gradient_accumulation_steps=4', '--grad_clip=0.1']
+
+
+def settings(group):
+    """ an AdamW param group's settings but its kernels (FSDP beside expert parallelism runs AdamW tensor by
+    tensor); betas as a tuple (FSDP's state-dict functions load a list) """
+    return {k: tuple(v) if k == 'betas' else v for k, v in group.items() if k not in ('fused', 'foreach')}
+
+
+def assert_same_run(a, b):
+    """ two out_dirs' checkpoints hold the same weights and AdamW state, within float32 rounding """
+    a, b = (torch.load(d / 'ckpt.pt', weights_only=True) for d in (a, b))
+    assert set(a['model']) == set(b['model'])
+    for k in b['model']:
+        torch.testing.assert_close(a['model'][k], b['model'][k], atol=1e-6, rtol=1e-5, msg=k)
+    groups = [list(map(settings, run['optimizer']['param_groups'])) for run in (a, b)]
+    assert groups[0] == groups[1]
+    for i, state in b['optimizer']['state'].items():
+        for name, value in state.items():
+            torch.testing.assert_close(a['optimizer']['state'][i][name], value, atol=1e-6, rtol=1e-5,
+                                       msg=f'{i} {name}')
+
+
+def assert_same_evals(a, b):
+    (iters_a, val_a), (iters_b, val_b) = zip(*logged(a, 'val_loss')), zip(*logged(b, 'val_loss'))
+    assert iters_a == iters_b
+    assert max(abs(x - y) for x, y in zip(val_a, val_b)) < 1e-5
+
+
+def test_ep_matches_one_process_holding_half_the_experts(workdir):
+    """ top-2 with a capacity that drops, a shared expert, the aux and z losses and the aux-free bias: the
+    same weights, AdamW state, routing biases and eval losses as one process; each holds half the experts """
+    args = [*ARGS, *MOE, '--train_capacity=0.5', '--n_shared_exp=1', '--expert_hidden=64',
+            '--use_aux_free_bias=True', '--bias_update_speed=0.01', '--max_iters=3', '--eval_interval=3',
+            '--eval_iters=4']
+    ep, single = workdir / 'out-ep', workdir / 'out-ep-single'
+    p = train(workdir, *args, '--ep_size=2', f'--out_dir={ep}', launcher=TORCHRUN)
+    assert p.stdout.count('saving checkpoint') == 1  # only rank 0 writes
+    q = train(workdir, *args, f'--out_dir={single}')
+    assert_same_run(ep, single)
+    assert_same_evals(ep, single)
+    state = torch.load(single / 'ckpt.pt', weights_only=True)['model']
+    assert state['transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0
+    assert re.search(r"drop [1-9]", q.stdout)  # the capacity dropped assignments
+    # weights, gradients and AdamW's two moments of half the experts fewer, in the MiB train.py prints
+    expert_numel = sum(v.numel() for k, v in state.items() if '.experts.' in k and 'shared' not in k)
+    mib = [float(re.search(r"AdamW state: ([\d.]+) MiB", r.stdout).group(1)) for r in (p, q)]
+    assert abs((mib[1] - mib[0]) - 4 * 4 * expert_numel / 2 / 2**20) < 0.002
+
+
+def test_ep_resumes_across_one_process_and_samples(workdir):
+    """ top-1 dropless: an EP run resumes under EP, its checkpoint on one process, that one's under EP with
+    FSDP, and the run equals one process's straight run; its checkpoint samples """
+    args = [*ARGS, '--n_exp=4', '--top_k=1', '--train_capacity=0', '--eval_capacity=0', '--eval_interval=2']
+    ep, single = workdir / 'out-ep-resume', workdir / 'out-ep-resume-single'
+    train(workdir, *args, '--ep_size=2', f'--out_dir={ep}', '--max_iters=2', launcher=TORCHRUN)
+    resume = ['--init_from=resume', f'--out_dir={ep}']
+    train(workdir, *args, *resume, '--ep_size=2', '--max_iters=4', launcher=TORCHRUN)
+    train(workdir, *args, *resume, '--max_iters=6')
+    train(workdir, *args, *resume, '--ep_size=2', '--fsdp=True', '--max_iters=8', launcher=TORCHRUN)
+    train(workdir, *args, f'--out_dir={single}', '--max_iters=8')
+    assert [i for i, _ in logged(ep, 'val_loss')] == [0, 2, 4, 6, 8]
+    assert_same_run(ep, single)
+    assert_same_evals(ep, single)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--out_dir={ep}', '--device=cpu',
+                        '--num_samples=1', '--max_new_tokens=40'], cwd=workdir, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len(p.stdout.strip()) >= 40
+
+
+@pytest.mark.parametrize('args, launcher, message', [
+    (['--ep_size=2'], None, 'error: ep_size=2 splits the experts over the processes torchrun starts'),
+    (['--ep_size=3'], TORCHRUN, 'error: ep_size=3 does not divide the 2 processes'),
+    (['--ep_size=2', '--n_exp=3', '--top_k=1', '--gradient_accumulation_steps=2'], TORCHRUN,
+     'error: n_exp=3 is not divisible by ep_size=2'),
+], ids=['no-torchrun', 'processes', 'n_exp'])
+def test_ep_bad_input_stops_with_one_line(workdir, args, launcher, message):
+    out = workdir / 'out-ep-bad'
+    p = train(workdir, *TINY, *args, f'--out_dir={out}', launcher=launcher, check=False)
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
+    assert errors and errors[0].startswith(message), p.stderr
+    assert not out.exists()
