@@ -308,7 +308,7 @@ if cfg.n_exp % ep_size != 0:
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 dropless = cfg.n_exp > 1 and min(cfg.train_capacity, cfg.eval_capacity) <= 0
 if master_process and dropless and (ep_size > 1 or not use_grouped_mm(torch.device(device), ptdtype, compile,
-                                                      (cfg.n_embd, cfg.expert_hidden or 4 * cfg.n_embd))):
+                                                      (cfg.n_embd, cfg.expert_hidden_size))):
     print(f"warning: dropless routing here runs the experts on padded slots for all N tokens each: "
           f"n_exp/top_k = {cfg.n_exp / cfg.top_k:.1f}x the expert FLOPs and memory of the N*top_k assignments")
 ep_group = replicas = None  # expert parallelism's groups, see parallel.py
