@@ -78,6 +78,9 @@ def workdir(tmp_path_factory):
     return work
 
 
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']  # 2 processes
+
+
 def train(cwd, *args, launcher=None, check=True):
     """ train.py with args in cwd; launcher: what runs it instead of python, e.g. torchrun """
     cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, 'train.py'), *args]

@@ -10,12 +10,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SHAKESPEARE, TINY, MOE, train, logged
+from conftest import ROOT, TORCHRUN, TINY, MOE, train, logged
 
-pytestmark = pytest.mark.skipif(not os.path.exists(SHAKESPEARE),
-                                reason="needs ../shared/data/tinyshakespeare")
-
-TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 # accumulation 2 per process under torchrun, 4 on one process; a clip that acts (its norm counts every expert)
 ARGS = [*TINY, '--gradient_accumulation_steps=4', '--grad_clip=0.1']
 

@@ -9,9 +9,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, MOE, train, logged
+from conftest import ROOT, TORCHRUN, TINY, MOE, train, logged
 
-TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 AUX_FREE = ['--use_aux_free_bias=True', '--bias_update_speed=0.01']
 
 
@@ -20,13 +19,12 @@ def state_mib(stdout):
     return float(re.search(r"weights, gradients and AdamW state: ([\d.]+) MiB", stdout).group(1))
 
 
-@pytest.mark.parametrize('moe', [False, True], ids=['dense', 'moe'])
-def test_fsdp_two_processes_match_one_process_on_half_the_memory(workdir, moe):
+def test_fsdp_two_processes_match_one_process_on_half_the_memory(workdir):
     """ accumulation 2 per process (the first micro-step unsynced) = 1 process with 4, in weights,
     AdamW state, the aux-free routing bias and eval loss; each process holds half the state """
-    args = [*TINY, *(MOE + AUX_FREE if moe else []), '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=3',
+    args = [*TINY, *MOE, *AUX_FREE, '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=3',
             '--eval_iters=3']  # 2 forwards each: rank 1's second, past eval_iters, keeps the gathers in step
-    fsdp, single = workdir / f'out-fsdp-{moe}', workdir / f'out-fsdp-single-{moe}'
+    fsdp, single = workdir / 'out-fsdp', workdir / 'out-fsdp-single'
     p = train(workdir, *args, '--fsdp=True', f'--out_dir={fsdp}', launcher=TORCHRUN)
     assert p.stdout.count('saving checkpoint') == 1  # only rank 0 writes
     q = train(workdir, *args, f'--out_dir={single}')
@@ -39,8 +37,7 @@ def test_fsdp_two_processes_match_one_process_on_half_the_memory(workdir, moe):
     for i, state in b['optimizer']['state'].items():
         for name, value in state.items():
             torch.testing.assert_close(a['optimizer']['state'][i][name], value, atol=1e-6, rtol=1e-5, msg=f'{i} {name}')
-    if moe:
-        assert a['model']['transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0
+    assert a['model']['transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0
     (_, val_a), (_, val_b) = logged(fsdp, 'val_loss')[-1], logged(single, 'val_loss')[-1]
     assert abs(val_a - val_b) < 1e-5
     # rank 0's shard: half of every tensor, rounded up a row where a first dimension is odd

@@ -13,14 +13,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import ROOT, TINY, TIKTOKEN_CACHE, needs_gpt2_bpe, train, logged
+from conftest import ROOT, TORCHRUN, TINY, TIKTOKEN_CACHE, needs_gpt2_bpe, train, logged
 import hellaswag as hs
 from model import GPT, GPTConfig
 from tokenizer import gpt2_encoding
 
 os.environ.setdefault('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)  # for this process and the scripts it runs
 pytestmark = needs_gpt2_bpe
-TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 
 # made-up items in HellaSwag's form; the endings' lengths differ, so summed and mean losses pick differently
 ITEMS = [

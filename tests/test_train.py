@@ -11,9 +11,8 @@ from dataclasses import fields
 import pytest
 import torch
 
-from conftest import ROOT, TINY, MOE, train, logged
+from conftest import ROOT, TORCHRUN, TINY, MOE, train, logged
 
-TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 from model import GPTConfig
 
 
@@ -252,14 +251,12 @@ def test_init_from_its_own_out_dir_stops(workdir, dense_run):
     assert p.returncode != 0 and "init_from is out_dir" in p.stderr
 
 
-@pytest.mark.parametrize('moe', [False, True], ids=['dense', 'moe'])
-def test_ddp_two_processes_match_one_process(workdir, moe):
+def test_ddp_two_processes_match_one_process(workdir):
     """ torchrun on 2 CPU processes (gloo) with accumulation 2 per process = 1 process with 4 """
-    # the MoE run balances with the aux-free bias too: its update must use the loads of both processes
-    moe_args = [*MOE, '--use_aux_free_bias=True', '--bias_update_speed=0.01']
-    args = [*TINY, *(moe_args if moe else []), '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=3',
+    # an MoE that balances with the aux-free bias too: its update must use the loads of both processes
+    args = [*TINY, *MOE, '--use_aux_free_bias=True', '--bias_update_speed=0.01', '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=3',
             '--eval_iters=3']  # the processes evaluate batches 0, 2 and 1
-    ddp, single = workdir / f'out-ddp-{moe}', workdir / f'out-single-{moe}'
+    ddp, single = workdir / 'out-ddp', workdir / 'out-single'
     p = train(workdir, *args, f'--out_dir={ddp}', launcher=TORCHRUN)
     assert p.stdout.count('saving checkpoint') == 1  # only rank 0 writes
     for line in ('Overriding: max_iters = 3', 'found vocab_size', 'Initializing a new model', 'fused AdamW'):
@@ -274,12 +271,11 @@ def test_ddp_two_processes_match_one_process(workdir, moe):
     (_, ddp_0), (_, ddp_3) = logged(ddp, 'val_loss')
     (_, single_0), (_, single_3) = logged(single, 'val_loss')
     assert ddp_0 == single_0 and abs(ddp_3 - single_3) < 1e-5
-    if moe:
-        assert a['transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0
-        # eval_only on 2 processes: the checkpoint's weights, so the eval at 3 once more
-        train(workdir, *args, f'--out_dir={ddp}', '--init_from=resume', '--eval_only=True', launcher=TORCHRUN)
-        evals = logged(ddp, 'val_loss')
-        assert [i for i, _ in evals] == [0, 3, 3] and evals[2][1] == evals[1][1]
+    assert a['transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0
+    # eval_only on 2 processes: the checkpoint's weights, so the eval at 3 once more
+    train(workdir, *args, f'--out_dir={ddp}', '--init_from=resume', '--eval_only=True', launcher=TORCHRUN)
+    evals = logged(ddp, 'val_loss')
+    assert [i for i, _ in evals] == [0, 3, 3] and evals[2][1] == evals[1][1]
 
 
 def test_torchrun_with_fewer_micro_steps_than_processes_says_once_what_to_add(workdir):
