@@ -19,7 +19,6 @@ from model import GPT, GPTConfig
 from tokenizer import gpt2_encoding
 
 os.environ.setdefault('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)  # for this process and the scripts it runs
-pytestmark = needs_gpt2_bpe
 
 # made-up items in HellaSwag's form; the endings' lengths differ, so summed and mean losses pick differently
 ITEMS = [
@@ -73,6 +72,7 @@ def labelled(model):
     return [{**item, 'label': label} for item, label in zip(ITEMS, labels)], acc
 
 
+@needs_gpt2_bpe
 def test_scores_and_choices_are_those_of_a_hand_computation():
     model = tiny_model()
     x, y, labels = hs.render(ITEMS, model.config.block_size)
@@ -86,6 +86,7 @@ def test_scores_and_choices_are_those_of_a_hand_computation():
     assert result == {'hellaswag_acc': acc, 'hellaswag_acc_norm': 1.0}
 
 
+@needs_gpt2_bpe
 def test_padding_does_not_change_a_score():
     model = tiny_model()
     x, y, _ = hs.render(ITEMS, model.config.block_size)
@@ -96,6 +97,7 @@ def test_padding_does_not_change_a_score():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
 
 
+@needs_gpt2_bpe
 def test_a_row_longer_than_the_block_loses_its_first_tokens():
     enc = gpt2_encoding()
     x, y, _ = hs.render(ITEMS[:1], 8)
@@ -104,6 +106,7 @@ def test_a_row_longer_than_the_block_loses_its_first_tokens():
     assert y[0, 1].tolist() == [-1] * 6 + tokens[-2:]
 
 
+@needs_gpt2_bpe
 def test_moe_scores_do_not_depend_on_the_other_items_in_the_batch():
     model = tiny_model(**MOE_GPT)
     x, y, _ = hs.render(ITEMS, model.config.block_size)
@@ -135,6 +138,7 @@ def bpe_workdir(tmp_path_factory):
     return work, items, acc
 
 
+@needs_gpt2_bpe
 def test_two_processes_score_as_one(bpe_workdir):
     """ train.py eval_only under torchrun with FSDP, 3 items, 1 a forward: rank 1 runs a last forward past the
     items. It logs the acc and acc_norm of one process's hand computation """
@@ -148,6 +152,7 @@ def test_two_processes_score_as_one(bpe_workdir):
     assert logged(out, 'hellaswag_acc') == [(0, acc)] and logged(out, 'hellaswag_acc_norm') == [(0, 1.0)]
 
 
+@needs_gpt2_bpe
 def test_missing_hellaswag_file_is_one_error_line_naming_prepare(bpe_workdir, tmp_path):
     work, _, _ = bpe_workdir
     (tmp_path / 'data').mkdir()
