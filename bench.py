@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import GPTConfig, GPT, MLP, gpu_peak_flops, pick_device
+from model import GPTConfig, GPT, MLP
+from machine import gpu_peak_flops, pick_device
 from manager import MANAGER
 
 # -----------------------------------------------------------------------------

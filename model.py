@@ -45,7 +45,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         mask = None
-        if kv_cache is not None:  # generate: cache this call's keys and values at positions pos (T,), attend up to each
+        # generate: cache this call's keys and values at positions pos (T,), attend up to each
+        if kv_cache is not None:
             kv_cache[0][:, :, pos], kv_cache[1][:, :, pos] = k, v  # index_put_, which torch.compile does in place
             k, v = kv_cache  # (B, nh, S, hs)
             mask = pos.unsqueeze(1) >= torch.arange(k.size(2), device=x.device)  # (T, S)
@@ -369,7 +370,8 @@ class GPTConfig:
             if self.stride < 1:
                 raise ValueError(f"stride={self.stride} must be >= 1 (1 = every block is MoE)")
             if self.expert_hidden < 0 or self.n_shared_exp < 0:
-                raise ValueError(f"expert_hidden={self.expert_hidden}, n_shared_exp={self.n_shared_exp} must be >= 0")
+                raise ValueError(f"expert_hidden={self.expert_hidden}, n_shared_exp={self.n_shared_exp} "
+                                 "must be >= 0")
 
     @property
     def expert_hidden_size(self):
@@ -405,7 +407,8 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
 
         self.apply(self._init_weights)
-        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer), under Switch init too (as the earlier nanoMoE)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer), under Switch init too (as the earlier
+        # nanoMoE)
         for pn, p in self.named_parameters():
             if pn.endswith('c_proj.weight') or pn.endswith('experts.c_proj'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -426,7 +429,8 @@ class GPT(nn.Module):
     def _init_weights(self, module):
         switch = self.config.use_switch_tfm_init
         if isinstance(module, nn.Linear):
-            if switch:  # every Linear, lm_head (tied to wte, so the embeddings too) included, as the earlier nanoMoE
+            # Switch init: every Linear, lm_head (tied to wte: the embeddings too), as the earlier nanoMoE
+            if switch:
                 _switch_init(module.weight, module.in_features, self.config.switch_tfm_init_scale)
             elif module is not self.lm_head:  # tied to wte, which is initialised as an embedding
                 torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -483,15 +487,17 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_type, override_args=None):
-        """ GPT-2 weights from Hugging Face: a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local directory
-        written by GPT2LMHeadModel.save_pretrained; override_args may set dropout. ValueError: unloadable weights """
+        """ GPT-2 weights from Hugging Face: a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local
+        directory written by GPT2LMHeadModel.save_pretrained; override_args may set dropout. ValueError: unloadable
+        weights """
         override_args = override_args or {}
         assert all(k == 'dropout' for k in override_args)  # only dropout can be overridden
         from transformers import GPT2LMHeadModel
         print(f"loading weights from pretrained gpt: {model_type}")
         try:
             model_hf = GPT2LMHeadModel.from_pretrained(model_type)
-        except OSError as e:  # transformers' error for no network, an unknown name or a directory without the files
+        # transformers' error for no network, an unknown name or a directory without the files
+        except OSError as e:
             reason = str(e).splitlines()[0].rstrip('.')
             raise ValueError(f"cannot load GPT-2 weights '{model_type}' ({reason}): give --init_from a directory "
                              "written by GPT2LMHeadModel.save_pretrained, or connect to the Hugging Face hub")
@@ -499,7 +505,8 @@ class GPT(nn.Module):
         model = GPT(GPTConfig(n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd, block_size=hf.n_positions,
                               vocab_size=hf.vocab_size, bias=True, **override_args))
         sd = model.state_dict()
-        sd_hf = {k: v for k, v in model_hf.state_dict().items() if not k.endswith(('.attn.bias', '.attn.masked_bias'))}
+        buffers = ('.attn.bias', '.attn.masked_bias')  # the causal masks, not weights
+        sd_hf = {k: v for k, v in model_hf.state_dict().items() if not k.endswith(buffers)}
         assert set(sd_hf) == set(sd), f"mismatched keys: {sorted(set(sd_hf) ^ set(sd))}"
         # OpenAI checkpoints use a "Conv1D" module, so these weights are stored transposed
         transposed = ['attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight']
@@ -513,10 +520,11 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def upcycle(self, **moe_args):
-        """ Sparse upcycling (Komatsuzaki et al. 2022, https://arxiv.org/abs/2212.05055): the MoE GPT with this dense
-        model's weights, each MoE block's experts all copies of that block's MLP, and fresh routers. Dropless and with
-        top_k >= 2 it computes what the dense model does: a token's k gates sum to 1 over k equal experts. With
-        top_k = 1 each MoE block's output starts as its MLP's scaled by the gate p_i(x) < 1 (Switch eq. 2). """
+        """ Sparse upcycling (Komatsuzaki et al. 2022, https://arxiv.org/abs/2212.05055): the MoE GPT with this
+        dense model's weights, each MoE block's experts all copies of that block's MLP, and fresh routers. Dropless
+        and with top_k >= 2 it computes what the dense model does: a token's k gates sum to 1 over k equal experts.
+        With top_k = 1 each MoE block's output starts as its MLP's scaled by the gate p_i(x) < 1 (Switch eq. 2)
+        """
         config = GPTConfig(**{**asdict(self.config), **moe_args})
         if config.expert_hidden_size != 4 * config.n_embd or config.n_shared_exp:
             raise ValueError("upcycling copies the dense MLP into each expert: "
@@ -558,13 +566,15 @@ class GPT(nn.Module):
         from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
         # the mesh of the training device type: FSDP's default is the machine's accelerator
         mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
-        mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                         cast_forward_inputs=False)
         # experts split by expert parallelism (parallel.py) stay where they are, whole
         split = {p for m in self.modules() if isinstance(m, MOELayer) and m.ep_group is not None
                  for p in m.experts.parameters()}
         for block in self.transformer.h:
             if self.config.router_use_full_prec and hasattr(block.mlp, 'router'):
-                fully_shard(block.mlp.router, mesh=mesh)  # float32 weights: router_use_full_prec runs it in float32
+                # float32 weights: router_use_full_prec runs it in float32
+                fully_shard(block.mlp.router, mesh=mesh)
             fully_shard(block, mesh=mesh, mp_policy=mp_policy, ignored_params=split)
         fully_shard(self, mesh=mesh, mp_policy=mp_policy, ignored_params=split)
 
@@ -578,7 +588,8 @@ class GPT(nn.Module):
                         {'params': nodecay_params, 'weight_decay': 0.0}]
         for kind, group in (('decayed', decay_params), ('non-decayed', nodecay_params)):
             print(f"num {kind} parameter tensors: {len(group)}, with {sum(p.numel() for p in group):,} parameters")
-        # fused AdamW where available, CPU too: unfused it is a loop of small ops per tensor, and MoE models have many
+        # fused AdamW where available, CPU too: unfused it is a loop of small ops per tensor, and MoE models have
+        # many
         use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'cpu')
         extra_args = dict(fused=True) if use_fused else dict()
         if len({type(p) for p in decay_params + nodecay_params}) > 1:
@@ -598,11 +609,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """ Complete idx (LongTensor (B, T)) by max_new_tokens tokens, each fed back in; use model.eval(). The prompt's
-        forward fills a key/value cache per block, later ones run the newest token alone. MoE layers route dropless,
-        as model(idx) with eval_capacity <= 0: a token's experts never depend on other tokens, so the cache holds """
+        """ Complete idx (LongTensor (B, T)) by max_new_tokens tokens, each fed back in; use model.eval(). The
+        prompt's forward fills a key/value cache per block, later ones run the newest token alone. MoE layers route
+        dropless, as model(idx) with eval_capacity <= 0: a token's experts never depend on other tokens, so the
+        cache holds """
         block_size, hs = self.config.block_size, self.config.n_embd // self.config.n_head
-        shape = (idx.size(0), self.config.n_head, min(block_size, idx.size(1) + max_new_tokens), hs)  # (B, nh, S, hs)
+        S = min(block_size, idx.size(1) + max_new_tokens)
+        shape = (idx.size(0), self.config.n_head, S, hs)  # (B, nh, S, hs)
         # zeros, not empty: slots not yet written get attention weight 0, and 0 * nan is nan
         like = dict(dtype=_compute_dtype(self.lm_head.weight), device=idx.device)  # c_attn's output dtype
         cache = [(torch.zeros(shape, **like), torch.zeros(shape, **like)) for _ in self.transformer.h]
@@ -624,30 +637,6 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(probs, num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
-
-
-# bf16 dense tensor-core peaks, FLOP/s, from NVIDIA's datasheets (whose headline figures, with 2:4 sparsity, are twice
-# these); the first name that occurs in the GPU's name wins
-GPU_PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200 NVL': 835e12, 'H200': 989e12,
-                  'A100': 312e12}
-
-
-def pick_device(device='', dtype=''):
-    """ The scripts' device and dtype, each as given or, where '', picked: CUDA if there, else Apple's mps, else the
-    CPU; bfloat16 where CUDA supports it, else float16 on CUDA (with a GradScaler), float32 elsewhere.
-    Returns (device, device_type, dtype) """
-    if not device:
-        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
-    if not dtype:
-        dtype = 'float32' if device_type != 'cuda' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    return device, device_type, dtype
-
-
-def gpu_peak_flops(device):
-    """ the bf16 peak of a CUDA device, or 0.0 for a GPU not in GPU_PEAK_FLOPS: no MFU rather than a wrong one """
-    name = torch.cuda.get_device_name(device)
-    return next((flops for gpu, flops in GPU_PEAK_FLOPS.items() if gpu in name), 0.0)
 
 
 def _switch_init(w, fan_in, scale):

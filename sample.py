@@ -13,7 +13,8 @@ from contextlib import nullcontext
 
 import torch
 
-from model import GPT, pick_device
+from model import GPT
+from machine import pick_device
 from checkpoint import load_checkpoint, model_from_checkpoint
 from tokenizer import gpt2_encoding
 

@@ -27,7 +27,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
 
-from model import GPTConfig, GPT, DENSE_KEYS, use_grouped_mm, gpu_peak_flops, pick_device
+from model import GPTConfig, GPT, DENSE_KEYS, use_grouped_mm
+from machine import gpu_peak_flops, pick_device
 from parallel import split_experts, ddp_ignore_experts, reduce_expert_grads, clip_grad_norm_
 from checkpoint import check_run_dirs, load_checkpoint, model_from_checkpoint, load_weights, load_optimizer_state, \
     save_checkpoint, trim_log, write_run_record

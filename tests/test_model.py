@@ -408,9 +408,9 @@ def test_compiled_generate_compiles_three_graphs_whatever_the_length():
 @pytest.mark.parametrize('name,peak', [('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H100 PCIe', 756e12),
                                        ('NVIDIA A100-SXM4-80GB', 312e12), ('Tesla T4', 0.0)])
 def test_gpu_peak_flops_by_device_name_and_zero_for_an_unknown_gpu(monkeypatch, name, peak):
-    import model
+    import machine
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
-    assert model.gpu_peak_flops('cuda') == peak
+    assert machine.gpu_peak_flops('cuda') == peak
 
 
 MOE_ONLY_VALUES = dict(top_k=1, use_aux_loss=True, use_router_z_loss=True, use_noisy_top_k=True, aux_loss_weight=0.5,
