@@ -102,6 +102,40 @@ def load_weights(init_from, device, given):
     return model
 
 
+def start_model(init_from, out_dir, args, given, vocab_size, device):
+    """ The model a run starts with, and for init_from='resume' the checkpoint it goes on from (else None): a new
+    model of args (the config's model keys, vocab_size from the data or GPT-2's 50304), out_dir's run, another run's
+    weights or GPT-2's, upcycled if dense and args' n_exp > 1, cropped to a smaller given block_size. A saved model
+    takes the given keys as model_args_with applies them. A bad input is a ValueError """
+    checkpoint = None
+    if init_from == 'scratch':
+        print("Initializing a new model from scratch")
+        if vocab_size is None:
+            print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
+        return GPT(GPTConfig(**args, vocab_size=vocab_size or 50304)), checkpoint
+    block_size = given.get('block_size')
+    if init_from == 'resume':
+        print(f"Resuming training from {out_dir}")
+        checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device)
+        saved_block_size = checkpoint['model_args']['block_size']
+        if block_size not in (None, saved_block_size):  # a crop would leave AdamW's state for wpe at the old size
+            raise ValueError(f"block_size={block_size} is not the checkpoint's {saved_block_size}: resume with "
+                             f"--block_size={saved_block_size}, or start a new run from its weights with "
+                             f"--init_from={out_dir} --out_dir=<a new directory>")
+        return model_from_checkpoint(checkpoint, given), checkpoint
+    model = load_weights(init_from, device, {k: v for k, v in given.items() if k != 'block_size'})
+    if model.config.n_exp == 1 and args['n_exp'] > 1:
+        model = model.upcycle(**{k: v for k, v in args.items() if k not in DENSE_KEYS})
+        print(f"upcycled: every expert starts as a copy of its block's MLP ({args['n_exp']} experts, "
+              f"top_k={args['top_k']})")
+    if block_size is not None and block_size > model.config.block_size:
+        raise ValueError(f"block_size={block_size} is larger than {init_from}'s {model.config.block_size}: "
+                         f"use --block_size={model.config.block_size} or less")
+    if block_size is not None and block_size < model.config.block_size:  # e.g. GPT-2's 1024 to a shorter one
+        model.crop_block_size(block_size)
+    return model, checkpoint
+
+
 def _rekey(optim_state, key):
     """ AdamW's state with its parameters renamed by key: ckpt.pt names them by index, as optimizer.state_dict()
     does, FSDP's state-dict functions by their names in the model """

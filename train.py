@@ -30,8 +30,7 @@ from torch.distributed import init_process_group, destroy_process_group
 from model import GPTConfig, GPT, DENSE_KEYS, use_grouped_mm
 from machine import gpu_peak_flops, pick_device
 from parallel import split_experts, ddp_ignore_experts, reduce_expert_grads, clip_grad_norm_
-from checkpoint import check_run_dirs, load_checkpoint, model_from_checkpoint, load_weights, load_optimizer_state, \
-    save_checkpoint, trim_log, write_run_record
+from checkpoint import check_run_dirs, start_model, load_optimizer_state, save_checkpoint, trim_log, write_run_record
 from manager import MANAGER
 import hellaswag as hs
 
@@ -247,48 +246,24 @@ def get_batch(split, it, micro):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
-# model init, from scratch, a run's checkpoint or GPT-2's weights (upcycled if n_exp > 1): a bad input is a ValueError.
-# A saved model keeps its keys but those given in a config file or on the command line: its run settings take the given
-# values (model.RUN_SETTINGS: capacities, loss weights, dropout, ...), a key that shapes the weights must stay the same
-given = {k: config[k] for k in model_keys if k in given_keys}
-iter_num, best_val_loss, checkpoint = 0, 1e9, None
-train_s = 0.0  # seconds of training steps so far (a first step's compile included), evals and checkpoints left out
-saved_iter = None  # the iteration out_dir's ckpt.pt holds
+# model init, from scratch, a run's checkpoint or GPT-2's weights (upcycled if n_exp > 1): checkpoint.start_model
+given = {k: config[k] for k in model_keys if k in given_keys}  # the model keys a config file or the command line set
 map_location = 'cpu' if fsdp else device  # FSDP: each process keeps its shard of what it read
 torch.manual_seed(seed)  # the model's initial weights
 try:
-    if init_from == 'scratch':
-        print("Initializing a new model from scratch")
-        if meta_vocab_size is None:
-            print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
-        model = GPT(GPTConfig(**{k: config[k] for k in model_keys}, vocab_size=meta_vocab_size or 50304))
-    elif init_from == 'resume':
-        print(f"Resuming training from {out_dir}")
-        checkpoint = load_checkpoint(ckpt_path, map_location)
-        saved_block_size = checkpoint['model_args']['block_size']
-        if given.get('block_size', saved_block_size) != saved_block_size:  # a crop would leave AdamW's wpe state
-            raise ValueError(f"block_size={block_size} is not the checkpoint's {saved_block_size}: resume with "
-                             f"--block_size={saved_block_size}, or start a new run from its weights with "
-                             f"--init_from={out_dir} --out_dir=<a new directory>")
-        model = model_from_checkpoint(checkpoint, given)
-        iter_num = saved_iter = checkpoint['iter_num']
-        best_val_loss = checkpoint['best_val_loss']
-        train_s = checkpoint.get('train_s', 0.0)  # checkpoints of the earlier nanoMoE have none
-    else:  # a new run: block_size may shrink (cropped below); a dense model given n_exp > 1 is upcycled
-        model = load_weights(init_from, map_location, {k: v for k, v in given.items() if k != 'block_size'})
-        if model.config.n_exp == 1 and n_exp > 1:
-            model = model.upcycle(**{k: config[k] for k in moe_defaults})
-            print(f"upcycled: every expert starts as a copy of its block's MLP ({n_exp} experts, top_k={top_k})")
-        if given.get('block_size', 0) > model.config.block_size:
-            raise ValueError(f"block_size={block_size} is larger than {init_from}'s {model.config.block_size}: "
-                             f"use --block_size={model.config.block_size} or less")
+    model, checkpoint = start_model(init_from, out_dir, {k: config[k] for k in model_keys}, given, meta_vocab_size,
+                                    map_location)
     if meta_vocab_size is not None and meta_vocab_size != model.config.vocab_size:
         raise ValueError(f"{meta_path} has a vocabulary of {meta_vocab_size} tokens but the model has "
                          f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
 except ValueError as e:
     fail(e)
-if given.get('block_size', model.config.block_size) < model.config.block_size:  # e.g. GPT-2's 1024 to a shorter one
-    model.crop_block_size(block_size)
+iter_num, best_val_loss, saved_iter = 0, 1e9, None  # saved_iter: the iteration out_dir's ckpt.pt holds
+train_s = 0.0  # seconds of training steps so far (a first step's compile included), evals and checkpoints left out
+if checkpoint is not None:  # a resumed run
+    iter_num = saved_iter = checkpoint['iter_num']
+    best_val_loss = checkpoint['best_val_loss']
+    train_s = checkpoint.get('train_s', 0.0)  # checkpoints of the earlier nanoMoE have none
 model_args = asdict(model.config)  # what the checkpoint needs to build the model again
 raw_model, cfg = model, model.config  # what we save: neither compiled nor wrapped
 # what runs is what the run records (ckpt.pt's config, run.json): the model's keys, given or saved
