@@ -15,6 +15,25 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import MOELayer, MLPExperts
 
 
+def parallel_setup_problem(fsdp, ep_size, ddp, world_size, dtype):
+    """ what is wrong with fsdp and ep_size for these processes and dtype, as one line naming the fix, or None """
+    if fsdp and not ddp:
+        return ("fsdp=True shards the model over the processes torchrun starts: "
+                "run torchrun --standalone --nproc_per_node=N train.py ... --fsdp=True")
+    if fsdp and dtype == 'float16':
+        return ("fsdp=True does not train in float16 (its GradScaler would see only this process's shard of the "
+                "gradients): use --dtype=bfloat16 or float32, or DDP")
+    if ep_size > 1 and not ddp:
+        return (f"ep_size={ep_size} splits the experts over the processes torchrun starts: "
+                f"run torchrun --standalone --nproc_per_node=N train.py ... --ep_size={ep_size}")
+    if ep_size < 1 or world_size % ep_size != 0:
+        return f"ep_size={ep_size} does not divide the {world_size} processes: pick a divisor of them"
+    if ep_size > 1 and dtype == 'float16':
+        return ("ep_size > 1 does not train in float16 (its GradScaler would see only this process's experts' "
+                "gradients): use --dtype=bfloat16 or float32")
+    return None
+
+
 def split_experts(model, ep_size):
     """ Keep this process's share of every MoE layer's experts, experts r*E/n to (r+1)*E/n - 1 for rank r of
     its EP group, and route through the group. Returns (the EP group, the group of the processes holding the

@@ -29,7 +29,7 @@ from torch.distributed import init_process_group, destroy_process_group
 
 from model import GPTConfig, GPT, DENSE_KEYS, use_grouped_mm
 from machine import gpu_peak_flops, pick_device
-from parallel import split_experts, ddp_ignore_experts, reduce_expert_grads, clip_grad_norm_
+from parallel import parallel_setup_problem, split_experts, ddp_ignore_experts, reduce_expert_grads, clip_grad_norm_
 from checkpoint import check_run_dirs, start_model, load_optimizer_state, save_checkpoint, trim_log, write_run_record
 from manager import MANAGER
 import hellaswag as hs
@@ -169,20 +169,8 @@ if dtype not in ('float32', 'bfloat16', 'float16'):
     fail(f"dtype='{dtype}' is not one of float32, bfloat16, float16 ('' picks one for the device)")
 if device_type == 'cuda' and not torch.cuda.is_available():
     fail(f"device='{device}' but torch finds no CUDA GPU: use --device=cpu, or leave device empty to pick")
-if fsdp and not ddp:
-    fail("fsdp=True shards the model over the processes torchrun starts: "
-         "run torchrun --standalone --nproc_per_node=N train.py ... --fsdp=True")
-if fsdp and dtype == 'float16':
-    fail("fsdp=True does not train in float16 (its GradScaler would see only this process's shard of the gradients): "
-         "use --dtype=bfloat16 or float32, or DDP")
-if ep_size > 1 and not ddp:
-    fail(f"ep_size={ep_size} splits the experts over the processes torchrun starts: "
-         f"run torchrun --standalone --nproc_per_node=N train.py ... --ep_size={ep_size}")
-if ep_size < 1 or ddp_world_size % ep_size != 0:
-    fail(f"ep_size={ep_size} does not divide the {ddp_world_size} processes: pick a divisor of them")
-if ep_size > 1 and dtype == 'float16':
-    fail("ep_size > 1 does not train in float16 (its GradScaler would see only this process's experts' "
-         "gradients): use --dtype=bfloat16 or float32")
+if (problem := parallel_setup_problem(fsdp, ep_size, ddp, ddp_world_size, dtype)):
+    fail(problem)
 if gradient_accumulation_steps % ddp_world_size != 0:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the {ddp_world_size} "
          f"processes: it counts the micro-steps of all of them; add --gradient_accumulation_steps="
