@@ -23,7 +23,8 @@ from parallel import whole_experts, my_experts
 def check_run_dirs(init_from, out_dir, eval_only):
     """ init_from names a model to start from, and out_dir can take this run: else a ValueError naming the fix """
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if init_from not in ('scratch', 'resume') and not init_from.startswith('gpt2') and not os.path.isdir(init_from):
+    named = init_from in ('scratch', 'resume') or init_from.startswith('gpt2') or os.path.isdir(init_from)
+    if not named:
         raise ValueError(f"init_from='{init_from}' is not 'scratch', 'resume', a GPT-2 name (gpt2, gpt2-medium, "
                          "gpt2-large, gpt2-xl) or a local GPT-2 directory")
     if os.path.isdir(init_from) and os.path.abspath(init_from) == os.path.abspath(out_dir):
@@ -38,16 +39,17 @@ def check_run_dirs(init_from, out_dir, eval_only):
 
 
 def load_checkpoint(path, device):
-    """ A checkpoint written by train.py (or nanoGPT, or the earlier nanoMoE): tensors and plain data only. torch.load
-    with weights_only=True unpickles nothing else, so a file from elsewhere cannot run code as it loads. A missing,
-    truncated, foreign or code-carrying file is a one-line ValueError """
+    """ A checkpoint written by train.py (or nanoGPT, or the earlier nanoMoE): tensors and plain data only.
+    torch.load with weights_only=True unpickles nothing else, so a file from elsewhere cannot run code as it
+    loads. A missing, truncated, foreign or code-carrying file is a one-line ValueError """
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"no checkpoint at {path}: train first, or point --out_dir at a run's directory")
     except pickle.UnpicklingError as e:  # weights_only met something other than tensors and plain data
         found = re.search(r'GLOBAL (\S+)', str(e))
-        raise ValueError(f"{path} holds a pickled object ({found[1] if found else 'not plain data'}) that could run "
+        what = found[1] if found else 'not plain data'
+        raise ValueError(f"{path} holds a pickled object ({what}) that could run "
                          "code as it loads: refused. Load only checkpoints you made, or re-save its tensors and "
                          "plain data from a trusted copy")
     except Exception as e:  # a truncated file, a permission, out of memory, ...: say which
@@ -59,9 +61,9 @@ def load_checkpoint(path, device):
 
 
 def model_args_with(saved, given, source):
-    """ A saved model's GPTConfig args with the given ones (a config file's or the command line's) over them: a given
-    run setting (RUN_SETTINGS) replaces the saved one, and one line lists what changed; a given key that shapes the
-    weights must equal the saved one, else a ValueError. A key not given keeps its saved value """
+    """ A saved model's GPTConfig args with the given ones (a config file's or the command line's) over them: a
+    given run setting (RUN_SETTINGS) replaces the saved one, and one line lists what changed; a given key that
+    shapes the weights must equal the saved one, else a ValueError. A key not given keeps its saved value """
     args = {**asdict(GPTConfig()), **saved}  # the earlier nanoMoE saved no expert_hidden, n_shared_exp, ...
     changed = []
     for key, value in given.items():
@@ -78,7 +80,8 @@ def model_args_with(saved, given, source):
 
 
 def model_from_checkpoint(checkpoint, given=None, source='the checkpoint'):
-    """ The GPT a train.py checkpoint describes, with its weights, and the given keys as model_args_with applies them """
+    """ The GPT a train.py checkpoint describes, with its weights, and the given keys as model_args_with applies
+    them """
     model = GPT(GPTConfig(**model_args_with(checkpoint['model_args'], given or {}, source)))
     # torch.compile'd models save their parameters under an '_orig_mod.' prefix
     model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
@@ -87,8 +90,8 @@ def model_from_checkpoint(checkpoint, given=None, source='the checkpoint'):
 
 def load_weights(init_from, device, given):
     """ A new run's model: another run's (a directory with a ckpt.pt) or GPT-2's (a name or a save_pretrained
-    directory), with the given keys as model_args_with applies them; for a dense model only its dense keys, the others
-    being train.py's to upcycle it with """
+    directory), with the given keys as model_args_with applies them; for a dense model only its dense keys, the
+    others being start_model's, to upcycle it with """
     run_ckpt_path = os.path.join(init_from, 'ckpt.pt')
     dense_given = {k: v for k, v in given.items() if k in DENSE_KEYS}
     if os.path.exists(run_ckpt_path):
@@ -104,9 +107,9 @@ def load_weights(init_from, device, given):
 
 def start_model(init_from, out_dir, args, given, vocab_size, device):
     """ The model a run starts with, and for init_from='resume' the checkpoint it goes on from (else None): a new
-    model of args (the config's model keys, vocab_size from the data or GPT-2's 50304), out_dir's run, another run's
-    weights or GPT-2's, upcycled if dense and args' n_exp > 1, cropped to a smaller given block_size. A saved model
-    takes the given keys as model_args_with applies them. A bad input is a ValueError """
+    model of args (the config's model keys, vocab_size from the data or GPT-2's 50304), out_dir's run, another
+    run's weights or GPT-2's, upcycled if dense and args' n_exp > 1, cropped to a smaller given block_size. A
+    saved model takes the given keys as model_args_with applies them. A bad input is a ValueError """
     checkpoint = None
     if init_from == 'scratch':
         print("Initializing a new model from scratch")
@@ -144,7 +147,8 @@ def _rekey(optim_state, key):
 
 
 def _param_names(model, optimizer):
-    """ the names of the optimizer's parameters in the model, in the optimizer's order: their indices in ckpt.pt """
+    """ the names of the optimizer's parameters in the model, in the optimizer's order: their indices in ckpt.pt
+    """
     name = {p: n for n, p in model.named_parameters()}
     return [name[p] for group in optimizer.param_groups for p in group['params']]
 
@@ -158,7 +162,8 @@ def load_optimizer_state(model, optimizer, scaler, checkpoint, fsdp):
         scaler.load_state_dict(checkpoint['scaler'])
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, _rekey(optim_state, dict(enumerate(_param_names(model, optimizer)))),
+        by_name = _rekey(optim_state, dict(enumerate(_param_names(model, optimizer))))
+        set_optimizer_state_dict(model, optimizer, by_name,
                                  options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(optim_state)
@@ -187,7 +192,8 @@ def save_checkpoint(path, model, optimizer, scaler, fsdp, **run_state):
     optim_state['state'].update(expert_moments)
     optim_state = _rekey(optim_state, {name: i for i, name in enumerate(names)})
     print(f"saving checkpoint to {os.path.dirname(path)}")
-    torch.save(dict(model=model_state, optimizer=optim_state, scaler=scaler.state_dict(), **run_state), path + '.tmp')
+    checkpoint = dict(model=model_state, optimizer=optim_state, scaler=scaler.state_dict(), **run_state)
+    torch.save(checkpoint, path + '.tmp')
     os.replace(path + '.tmp', path)
 
 

@@ -4,15 +4,16 @@ The machine the scripts run on: the device and dtype they pick, and a GPU's peak
 import torch
 
 
-# bf16 dense tensor-core peaks, FLOP/s, from NVIDIA's datasheets (whose headline figures, with 2:4 sparsity, are twice
+# bf16 dense tensor-core peaks, FLOP/s, from NVIDIA's datasheets (whose headline figures, with 2:4 sparsity, are
+# twice
 # these); the first name that occurs in the GPU's name wins
 GPU_PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100 NVL': 835e12, 'H100': 989e12, 'H200 NVL': 835e12, 'H200': 989e12,
                   'A100': 312e12}
 
 
 def pick_device(device='', dtype=''):
-    """ The scripts' device and dtype, each as given or, where '', picked: CUDA if there, else Apple's mps, else the
-    CPU; bfloat16 where CUDA supports it, else float16 on CUDA (with a GradScaler), float32 elsewhere.
+    """ The scripts' device and dtype, each as given or, where '', picked: CUDA if there, else Apple's mps, else
+    the CPU; bfloat16 where CUDA supports it, else float16 on CUDA (with a GradScaler), float32 elsewhere.
     Returns (device, device_type, dtype) """
     if not device:
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'

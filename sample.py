@@ -19,7 +19,8 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from tokenizer import gpt2_encoding
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'  # 'resume' (out_dir's ckpt.pt), a run's out_dir, a GPT-2 name ('gpt2', ...) or save_pretrained dir
+# 'resume' (out_dir's ckpt.pt), a run's out_dir, a GPT-2 name ('gpt2', ...) or a save_pretrained directory
+init_from = 'resume'
 out_dir = 'out'  # the run directory to resume from, when init_from == 'resume'
 start = "\n"  # prompt text, or "FILE:prompt.txt" to read it from a file
 num_samples = 10  # number of samples to draw
@@ -54,11 +55,13 @@ ptdtype = dtypes[dtype]
 # autocast on every device, CPU included, as train.py does: --dtype=bfloat16 samples the way it trained
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-# model: a run's, with the settings it trained with (generate routes dropless, without capacity or losses), or GPT-2's
+# model: a run's, with the settings it trained with (generate routes dropless, without capacity or losses),
+# or GPT-2's
 dataset = None  # the run's, whose meta.pkl decodes a character-level model
 if init_from == 'resume' or os.path.exists(os.path.join(init_from, 'ckpt.pt')):
     try:  # on the CPU: AdamW's state, twice the model's size, never reaches the device
-        checkpoint = load_checkpoint(os.path.join(out_dir if init_from == 'resume' else init_from, 'ckpt.pt'), 'cpu')
+        run_dir = out_dir if init_from == 'resume' else init_from
+        checkpoint = load_checkpoint(os.path.join(run_dir, 'ckpt.pt'), 'cpu')
         model = model_from_checkpoint(checkpoint)
     except ValueError as e:
         sys.exit(f"error: {e}")
@@ -70,8 +73,9 @@ elif init_from.startswith('gpt2') or os.path.isdir(init_from):
     except ValueError as e:
         sys.exit(f"error: {e}")
 else:
-    sys.exit(f"error: init_from='{init_from}' is neither 'resume', a run's out_dir nor a GPT-2 model: use 'resume', "
-             "a directory holding a ckpt.pt, 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a save_pretrained directory")
+    sys.exit(f"error: init_from='{init_from}' is neither 'resume', a run's out_dir nor a GPT-2 model: use "
+             "'resume', a directory holding a ckpt.pt, 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a "
+             "save_pretrained directory")
 model.eval()
 model.to(device)
 if compile:

@@ -29,8 +29,10 @@ from torch.distributed import init_process_group, destroy_process_group
 
 from model import GPTConfig, GPT, DENSE_KEYS, use_grouped_mm
 from machine import gpu_peak_flops, pick_device
-from parallel import parallel_setup_problem, split_experts, ddp_ignore_experts, reduce_expert_grads, clip_grad_norm_
-from checkpoint import check_run_dirs, start_model, load_optimizer_state, save_checkpoint, trim_log, write_run_record
+from parallel import (parallel_setup_problem, split_experts, ddp_ignore_experts, reduce_expert_grads,
+                      clip_grad_norm_)
+from checkpoint import (check_run_dirs, start_model, load_optimizer_state, save_checkpoint, trim_log,
+                        write_run_record)
 from manager import MANAGER
 import hellaswag as hs
 
@@ -45,7 +47,8 @@ eval_only = False  # if True, evaluate once (also a resumed run) and exit: no tr
 always_save_checkpoint = True  # if True, always save a checkpoint after each eval
 hellaswag = False  # if True, each eval also scores HellaSwag (hellaswag.py), for GPT-2 BPE models
 hellaswag_items = 0  # HellaSwag items each eval scores; 0: all 10,042
-init_from = 'scratch'  # 'scratch', 'resume', 'gpt2*', a GPT-2 dir, or a run's out_dir (its weights); n_exp>1 upcycles
+# 'scratch', 'resume', 'gpt2*', a GPT-2 dir, or a run's out_dir (its weights); n_exp > 1 upcycles a dense one
+init_from = 'scratch'
 # wandb logging
 wandb_log = False  # disabled by default
 wandb_project = 'owt'
@@ -124,7 +127,7 @@ def leave(code):
     sys.exit(code)
 
 def fail(message):
-    """ a user mistake: one line (under torchrun, from each node's first process), non-zero exit, nothing written """
+    """ a user mistake: one line (under torchrun, from each node's first process), exit 1, nothing written """
     if int(os.environ.get('LOCAL_RANK', 0)) == 0:
         print(f"error: {message}", file=sys.stderr)
     else:
@@ -208,7 +211,8 @@ except ValueError as e:
 # various inits, derived attributes, I/O setup
 if ddp:
     init_process_group(backend=backend or ('nccl' if device_type == 'cuda' else 'gloo'))
-    atexit.register(destroy_process_group)  # on every way out, errors included: no process group left to die at exit
+    # on every way out, errors included: no process group left to die at exit
+    atexit.register(destroy_process_group)
     gradient_accumulation_steps //= ddp_world_size  # the global count: each process runs its share
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
@@ -222,9 +226,9 @@ if os.path.exists(meta_path):
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
 
 def get_batch(split, it, micro):
-    """ Micro-batch `micro` (counted across all processes) of iteration `it`, a function of (seed, split, it, micro)
-    alone: runs resume exactly, and N processes see the batches of one with N times the gradient accumulation.
-    train.bin / val.bin are uint16 token ids, as data/<dataset>/prepare.py writes them """
+    """ Micro-batch `micro` (counted across all processes) of iteration `it`, a function of (seed, split, it,
+    micro) alone: runs resume exactly, and N processes see the batches of one with N times the gradient
+    accumulation. train.bin / val.bin are uint16 token ids, as data/<dataset>/prepare.py writes them """
     # a new np.memmap every batch, to avoid a memory leak: https://stackoverflow.com/a/61472122
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
     ix = np.random.default_rng([seed, split == 'val', it, micro]).integers(len(data) - block_size, size=batch_size)
@@ -235,7 +239,7 @@ def get_batch(split, it, micro):
     return x.to(device), y.to(device)
 
 # model init, from scratch, a run's checkpoint or GPT-2's weights (upcycled if n_exp > 1): checkpoint.start_model
-given = {k: config[k] for k in model_keys if k in given_keys}  # the model keys a config file or the command line set
+given = {k: config[k] for k in model_keys if k in given_keys}  # those a config file or the command line set
 map_location = 'cpu' if fsdp else device  # FSDP: each process keeps its shard of what it read
 torch.manual_seed(seed)  # the model's initial weights
 try:
@@ -309,9 +313,9 @@ if master_process:
 @torch.no_grad()
 def estimate_loss():
     """ The mean loss of eval_iters batches per split, each process evaluating every ddp_world_size-th batch. One
-    all-reduce gathers the losses: every process gets the means one process computes, and so all decide alike whether
-    to save. Under DDP on the bare module (DDP's forward is for training steps); under FSDP every process runs as many
-    forwards (each gathers the shards), a last one past eval_iters not counted """
+    all-reduce gathers the losses: every process gets the means one process computes, and so all decide alike
+    whether to save. Under DDP on the bare module (DDP's forward is for training steps); under FSDP every process
+    runs as many forwards (each gathers the shards), a last one past eval_iters not counted """
     out = {}
     eval_model = model.module if isinstance(model, DDP) else model
     eval_model.eval()  # eval mode: CE alone, eval capacity, no dropout or router noise
@@ -335,7 +339,8 @@ def get_lr(it):
     """ learning rate decay scheduler: linear warmup, then cosine decay down to min_lr at lr_decay_iters """
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it >= lr_decay_iters:  # >=: the cosine below would end at min_lr too, and 0/0 if warmup_iters == lr_decay_iters
+    # >=: the cosine below would end at min_lr too, and 0/0 if warmup_iters == lr_decay_iters
+    if it >= lr_decay_iters:
         return min_lr
     decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
@@ -466,7 +471,8 @@ while True:
         megabytes = sum(t.numel() * t.element_size() for t in local) / 2**20
         print(f"weights, gradients and AdamW state: {megabytes:.3f} MiB in this process")
     optimizer.zero_grad(set_to_none=True)  # flush the gradients as soon as we can, no need for this memory anymore
-    # aux-loss-free balancing (DeepSeek-V3) by this step's load, unless the scaler skipped the step (and lowered its
+    # aux-loss-free balancing (DeepSeek-V3) by this step's load, unless the scaler skipped the step (and
+    # lowered its
     # scale): inf or nan gradients, no weight moved
     raw_model.update_routing_bias(skipped=scaler.get_scale() < scale)
 
