@@ -16,7 +16,6 @@ so that a busy machine slows them alike.
 import os
 import sys
 import time
-import pickle
 import functools
 import statistics
 from contextlib import nullcontext
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from model import GPTConfig, GPT, MLP
 from machine import gpu_peak_flops, pick_device
 from manager import MANAGER
+from tokenizer import dataset_dir, load_char_meta
 
 # -----------------------------------------------------------------------------
 mode = 'model'  # 'model': training steps; 'layer': MoE layer vs baselines; 'step': dense vs MoE; 'sample': generate
@@ -40,7 +40,7 @@ batch_size = 12  # sequences per forward
 block_size = 1024  # tokens per sequence
 real_data = True  # True: batches from data/<dataset>/train.bin; False: random tokens
 dataset = 'openwebtext'
-vocab_size = 50304  # of the random tokens; real data takes data/<dataset>/meta.pkl's if it has one
+vocab_size = 50304  # of the random tokens; real data takes data/<dataset>/meta.json's if it has one
 seed = 1337
 device = ''  # '' picks cuda if there, else mps, else cpu. Or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = ''  # '' picks bfloat16 where CUDA supports it, else float16 on CUDA, float32 elsewhere
@@ -91,14 +91,16 @@ ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device
 
 # data: uint16 token ids as written by data/<dataset>/prepare.py, or random tokens
 if real_data and mode in ('model', 'step'):
-    data_dir = os.path.join('data', dataset)
+    try:
+        data_dir = dataset_dir(dataset)
+        meta = load_char_meta(data_dir)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     train_path = os.path.join(data_dir, 'train.bin')
     if not os.path.exists(train_path):
         sys.exit(f"error: {train_path} not found: run python data/{dataset}/prepare.py first, or use --real_data=False")
     train_data = np.memmap(train_path, dtype=np.uint16, mode='r')
-    if os.path.exists(os.path.join(data_dir, 'meta.pkl')):
-        with open(os.path.join(data_dir, 'meta.pkl'), 'rb') as f:
-            vocab_size = pickle.load(f)['vocab_size']
+    vocab_size = meta['vocab_size'] if meta else vocab_size
 
     def get_batch():
         ix = torch.randint(len(train_data) - block_size, (batch_size,))

@@ -17,7 +17,6 @@ quoted string: --out_dir=2024 is '2024'. Afterwards `given_keys` names the keys 
 """
 import os
 import sys
-import time
 import builtins
 import types
 import difflib
@@ -25,12 +24,13 @@ from ast import literal_eval
 
 
 def _fail(message):
-    """ one error line and exit; under torchrun every process reads the same arguments, and the first of each
-    node says it """
-    if os.environ.get('LOCAL_RANK', '0') == '0':
-        print(f"error: {message}", file=sys.stderr)
+    """ one error line and exit. Under torchrun (train.py) the first process to fail says it: see
+    parallel.say_error_once, imported only there, so that the configurator needs no torch """
+    if 'RANK' in os.environ:
+        from parallel import say_error_once
+        say_error_once(message)
     else:
-        time.sleep(5)  # torchrun stops every process once one exits: the one that says why exits first
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
 
 

@@ -7,6 +7,10 @@ n_exp/ep_size experts of every MoE layer, the group all of them once; the tokens
 the tokens of its whole group (the all-to-all's backward brings them); the processes holding the same experts,
 one per group, sum theirs. Checkpoints hold the experts whole, as every other run's do.
 """
+import os
+import sys
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -32,6 +36,22 @@ def parallel_setup_problem(fsdp, ep_size, ddp, world_size, dtype):
         return ("ep_size > 1 does not train in float16 (its GradScaler would see only this process's experts' "
                 "gradients): use --dtype=bfloat16 or float32")
     return None
+
+
+def say_error_once(message):
+    """ `error: message` on stderr, unless another process of this torchrun job has said one: the first process
+    to meet an error says it, whichever it is and however late the others are, then exits, and torchrun stops
+    the rest. Not torchrun's error file (errors.record): its report lists every failed process's file, so an
+    error all the processes meet (a bad key) shows once per process, inside the report. Not rank 0 alone:
+    the others would wait for it, and an error one node meets (a file it lacks) never reaches rank 0. One
+    atomic add on the store of torchrun's agents, which every process of the job reaches, says who is first;
+    without one (other launchers, torchrun's etcd rendezvous) every process says it """
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
+        store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
+                              timeout=timedelta(seconds=60))
+        if store.add(f"nanomoe_error_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", 1) > 1:
+            return
+    print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 def split_experts(model, ep_size):

@@ -4,11 +4,10 @@ $ python sample.py --out_dir=out-shakespeare-char          # a checkpoint writte
 $ python sample.py --init_from=out-shakespeare-char        # the same, as train.py names another run
 $ python sample.py --init_from=gpt2-xl --start="FILE:prompt.txt" --num_samples=5 --max_new_tokens=100
 Run it from the repository root: a character-level checkpoint decodes with
-data/<dataset>/meta.pkl, looked up from the current directory; other checkpoints with GPT-2 BPE.
+data/<dataset>/meta.json (or meta.pkl), looked up from the current directory; others with GPT-2 BPE.
 """
 import os
 import sys
-import pickle
 from contextlib import nullcontext
 
 import torch
@@ -16,7 +15,7 @@ import torch
 from model import GPT
 from machine import pick_device
 from checkpoint import load_checkpoint, model_from_checkpoint
-from tokenizer import gpt2_encoding
+from tokenizer import gpt2_encoding, dataset_dir, char_meta_path, load_char_meta
 
 # -----------------------------------------------------------------------------
 # 'resume' (out_dir's ckpt.pt), a run's out_dir, a GPT-2 name ('gpt2', ...) or a save_pretrained directory
@@ -57,7 +56,7 @@ ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device
 
 # model: a run's, with the settings it trained with (generate routes dropless, without capacity or losses),
 # or GPT-2's
-dataset = None  # the run's, whose meta.pkl decodes a character-level model
+data_dir = None  # the run's dataset, whose meta.json decodes a character-level model
 if init_from == 'resume' or os.path.exists(os.path.join(init_from, 'ckpt.pt')):
     try:  # on the CPU: AdamW's state, twice the model's size, never reaches the device
         run_dir = out_dir if init_from == 'resume' else init_from
@@ -66,6 +65,11 @@ if init_from == 'resume' or os.path.exists(os.path.join(init_from, 'ckpt.pt')):
     except ValueError as e:
         sys.exit(f"error: {e}")
     dataset = checkpoint.get('config', {}).get('dataset')
+    try:  # a checkpoint from elsewhere must not pick a vocabulary file outside data/
+        data_dir = dataset_dir(dataset) if dataset is not None else None
+    except ValueError:
+        sys.exit(f"error: {run_dir}/ckpt.pt names its dataset {dataset!r}, not a folder of data/: refused (its "
+                 "vocabulary would be read from there). Sample checkpoints you trust")
     del checkpoint  # keep only the model in memory
 elif init_from.startswith('gpt2') or os.path.isdir(init_from):
     try:
@@ -94,11 +98,13 @@ if not start:
     sys.exit("error: the prompt is empty: give --start some text, e.g. --start=ROMEO:")
 
 # tokenizer: the character-level one of the checkpoint's dataset if it has one, else GPT-2's
-meta_path = os.path.join('data', dataset, 'meta.pkl') if dataset else None
-if meta_path is not None and os.path.exists(meta_path):
+meta_path = char_meta_path(data_dir) if data_dir else None
+if meta_path is not None:
     print(f"Loading meta from {meta_path}...")
-    with open(meta_path, 'rb') as f:
-        meta = pickle.load(f)
+    try:
+        meta = load_char_meta(data_dir)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     stoi, itos = meta['stoi'], meta['itos']
     unknown = sorted(set(start) - set(stoi))
     if unknown:
@@ -109,7 +115,7 @@ else:
     if model.config.vocab_size < 50257:
         # fewer tokens than GPT-2's 50257: a character-level model, which BPE would crash or garble
         sys.exit(f"error: the model has {model.config.vocab_size} tokens, fewer than GPT-2's, and no "
-                 f"{meta_path or 'data/<dataset>/meta.pkl'} to decode them: run from the repository root")
+                 f"{data_dir or 'data/<dataset>'}/meta.json to decode them: run from the repository root")
     enc = gpt2_encoding()
     encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})
     decode = lambda l: enc.decode(l)

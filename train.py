@@ -15,7 +15,6 @@ import inspect
 import time
 import netrc
 import atexit
-import pickle
 import signal
 import warnings
 import importlib.util
@@ -30,10 +29,11 @@ from torch.distributed import init_process_group, destroy_process_group
 from model import GPTConfig, GPT, DENSE_KEYS, use_grouped_mm
 from machine import gpu_peak_flops, pick_device
 from parallel import (parallel_setup_problem, split_experts, ddp_ignore_experts, reduce_expert_grads,
-                      clip_grad_norm_)
+                      clip_grad_norm_, say_error_once)
 from checkpoint import (check_run_dirs, start_model, load_optimizer_state, save_checkpoint, trim_log,
                         write_run_record)
 from manager import MANAGER
+from tokenizer import dataset_dir, char_meta_path, load_char_meta
 import hellaswag as hs
 
 # -----------------------------------------------------------------------------
@@ -54,7 +54,7 @@ wandb_log = False  # disabled by default
 wandb_project = 'owt'
 wandb_run_name = 'gpt2'  # 'run' + str(time.time())
 # data
-dataset = 'openwebtext'  # reads data/<dataset>/train.bin, val.bin (and meta.pkl if there)
+dataset = 'openwebtext'  # reads data/<dataset>/train.bin, val.bin (and meta.json if there)
 gradient_accumulation_steps = 5 * 8  # used to simulate larger batch sizes; divided by the world size
 batch_size = 12  # micro-batch size, sequences per forward
 block_size = 1024  # context length, tokens
@@ -127,11 +127,8 @@ def leave(code):
     sys.exit(code)
 
 def fail(message):
-    """ a user mistake: one line (under torchrun, from each node's first process), exit 1, nothing written """
-    if int(os.environ.get('LOCAL_RANK', 0)) == 0:
-        print(f"error: {message}", file=sys.stderr)
-    else:
-        time.sleep(5)  # torchrun stops every process once one exits: the one that says why exits first
+    """ a user mistake: one line (under torchrun, from the first process to fail), exit 1, nothing written """
+    say_error_once(message)
     leave(1)
 
 def wandb_cannot_log():
@@ -155,12 +152,12 @@ device, device_type, dtype = pick_device(device, dtype)
 if ddp and device_type == 'cuda' and torch.cuda.is_available():
     device = f'cuda:{ddp_local_rank}'
     torch.cuda.set_device(device)
-data_dir = os.path.join('data', dataset)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
 # validate the config, the data and out_dir before any work: one line naming the problem and the fix
 try:
     check_run_dirs(init_from, out_dir, eval_only)
+    data_dir = dataset_dir(dataset)
 except ValueError as e:
     fail(e)
 for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval'):
@@ -200,9 +197,16 @@ if decay_lr and not eval_only and warmup_iters >= max_iters:
 if decay_lr and not eval_only and not 0.5 * max_iters <= lr_decay_iters <= 1.1 * max_iters:
     print(f"warning: lr_decay_iters={lr_decay_iters} is far from max_iters={max_iters}: the cosine decay ends "
           f"{'after' if lr_decay_iters > max_iters else 'long before'} the run (set --lr_decay_iters={max_iters})")
-if hellaswag and os.path.exists(os.path.join(data_dir, 'meta.pkl')):  # the items are text, in GPT-2's tokens
+try:
+    meta = load_char_meta(data_dir)  # None: GPT-2's BPE
+except ValueError as e:
+    fail(e)
+meta_vocab_size, meta_path = (meta['vocab_size'], char_meta_path(data_dir)) if meta else (None, None)
+if meta is not None:
+    print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
+if hellaswag and meta is not None:  # the items are text, in GPT-2's tokens
     fail(f"hellaswag=True scores a GPT-2 BPE model, but {dataset} has its own vocabulary "
-         f"({data_dir}/meta.pkl): train on a GPT-2 BPE dataset, or leave hellaswag off")
+         f"({meta_path}): train on a GPT-2 BPE dataset, or leave hellaswag off")
 try:
     hs_items = hs.read_items(hs.PATH, hellaswag_items) if hellaswag else None
 except ValueError as e:
@@ -218,12 +222,6 @@ torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
-meta_vocab_size = None
-meta_path = os.path.join(data_dir, 'meta.pkl')
-if os.path.exists(meta_path):
-    with open(meta_path, 'rb') as f:
-        meta_vocab_size = pickle.load(f)['vocab_size']
-    print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
 
 def get_batch(split, it, micro):
     """ Micro-batch `micro` (counted across all processes) of iteration `it`, a function of (seed, split, it,
@@ -350,20 +348,24 @@ def checkpoint_status():
     return f"{ckpt_path} holds iter {saved_iter}" if saved_iter is not None else "no checkpoint yet"
 
 def on_interrupt(signum, frame):
-    """ Ctrl-C: one line on where the run can go on from, not a traceback; during a save, once it is done """
+    """ Ctrl-C, seen by one process or all: every process stops at the next log step (see the loop) """
     global interrupted
-    if saving:  # ckpt.pt may be renamed and saved_iter not yet set: wait until the two agree
-        interrupted = True
-        return
-    if master_process:
-        how = f"continue with --init_from=resume --out_dir={out_dir}" if saved_iter is not None else "start it again"
-        print(f"\ninterrupted at iter {iter_num}: {checkpoint_status()}; {how}", flush=True)
-    leave(130)
+    interrupted = True
 
-def stop_if_not_finite(loss, message):
+def stop_together(code, line, file=sys.stdout):
+    """ End the run where every process decided to, on the same all-reduced values: rank 0 says why while the
+    others wait at a barrier (torchrun stops every process as soon as one exits), then all leave """
+    if master_process:
+        print(line, file=file, flush=True)
+    if ddp:
+        torch.distributed.barrier()
+    leave(code)
+
+def stop_if_not_finite(losses, message):
     """ a loss gone inf or nan ends the run before anything saves it: the last good checkpoint stays """
-    if not math.isfinite(loss):
-        fail(f"{message}; the last good checkpoint is kept. Last logged losses (iter, loss, aux, z): {recent_losses}")
+    if not all(map(math.isfinite, losses)):
+        stop_together(1, f"error: {message}; the last good checkpoint is kept. Last logged losses (iter, loss, "
+                      f"aux, z): {recent_losses}", sys.stderr)
 
 def log(record, line, wandb_stats):
     """ one log line on stdout, its record in log.jsonl (if this run keeps one), and the same numbers in wandb """
@@ -401,7 +403,7 @@ if master_process:
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-saving = interrupted = False  # a Ctrl-C during a save is held until ckpt.pt and saved_iter agree
+interrupted = False
 signal.signal(signal.SIGINT, on_interrupt)
 
 # training loop
@@ -423,7 +425,7 @@ while True:
             torch.cuda.synchronize()  # the last step's queued work belongs to its dt, not to the eval
         t_eval = time.time()
         losses = estimate_loss()
-        stop_if_not_finite(losses['train'] + losses['val'], f"eval loss is {losses} at iter {iter_num}")
+        stop_if_not_finite([losses['train'], losses['val']], f"eval loss is {losses} at iter {iter_num}")
         if master_process:
             scores = {k: v for k, v in losses.items() if k.startswith('hellaswag')}  # {} unless hellaswag
             line = f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
@@ -434,12 +436,9 @@ while True:
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and not eval_only:
-                saving = True
                 save_checkpoint(ckpt_path, raw_model, optimizer, scaler, fsdp, model_args=model_args,
                                 iter_num=iter_num, best_val_loss=best_val_loss, train_s=train_s, config=config)
-                saved_iter, saving = iter_num, False
-                if interrupted:  # a Ctrl-C that came during the save
-                    on_interrupt(signal.SIGINT, None)
+                saved_iter = iter_num
         t0 += time.time() - t_eval
     if eval_only:
         break
@@ -481,12 +480,23 @@ while True:
     dt = t1 - t0
     t0 = t1
     train_s += dt
+    if iter_num % log_interval == 0:
+        # every process's last micro-batch loss and whether it saw a Ctrl-C, in one all-reduce read at log steps
+        # only (rank 0 logs the loss there): all processes stop at the same iteration, whichever saw the reason
+        status = torch.zeros(ddp_world_size + 1, device=device)
+        status[ddp_rank], status[-1] = loss.detach(), interrupted
+        if ddp:
+            torch.distributed.all_reduce(status)
+        *step_losses, interrupts = status.tolist()
+        step_losses = [x * gradient_accumulation_steps for x in step_losses]  # scaled back up
+        stop_if_not_finite(step_losses, f"loss is {step_losses if ddp else step_losses[0]} at iter {iter_num}")
+        if interrupts:
+            stop_together(130, f"\ninterrupted at iter {iter_num}: {checkpoint_status()}; " + (
+                f"continue with --init_from=resume --out_dir={out_dir}" if saved_iter is not None else "start it again"))
     if iter_num % log_interval == 0 and master_process:
-        # the loss as a float (a CPU-GPU sync), scaled back up: the last micro-batch's loss
-        record = dict(iter=iter_num, loss=loss.item() * gradient_accumulation_steps, lr=lr, dt_ms=dt * 1000,
-                      train_s=train_s, **MANAGER.log_record())
+        record = dict(iter=iter_num, loss=step_losses[0], lr=lr, dt_ms=dt * 1000, train_s=train_s,
+                      **MANAGER.log_record())
         aux, z = record.get('aux', 0.0), record.get('z', 0.0)
-        stop_if_not_finite(record['loss'], f"loss is {record['loss']} at iter {iter_num} (aux {aux}, z {z})")
         recent_losses = (recent_losses + [(iter_num, round(record['loss'], 4), round(aux, 4), round(z, 4))])[-5:]
         if local_iter_num >= 5:  # let the training loop settle a bit
             dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt

@@ -1,6 +1,5 @@
 import json
 import os
-import pickle
 import subprocess
 import sys
 
@@ -73,8 +72,7 @@ def workdir(tmp_path_factory):
     n = int(0.9 * len(ids))
     ids[:n].tofile(data_dir / 'train.bin')
     ids[n:].tofile(data_dir / 'val.bin')
-    with open(data_dir / 'meta.pkl', 'wb') as f:
-        pickle.dump({'vocab_size': len(chars), 'itos': dict(enumerate(chars)), 'stoi': stoi}, f)
+    (data_dir / 'meta.json').write_text(json.dumps({'vocab_size': len(chars), 'itos': chars}))
     return work
 
 

@@ -5,9 +5,9 @@ mode='sample' cached generate and the recompute loop give the same tokens.
 Timings are printed, never asserted.
 """
 import functools
+import json
 import os
 import re
-import pickle
 import subprocess
 import sys
 
@@ -81,8 +81,7 @@ def test_model_mode_on_real_data_with_mfu(tmp_path):
     data_dir = tmp_path / 'data' / 'tiny'
     data_dir.mkdir(parents=True)
     np.random.default_rng(0).integers(0, 50, 1000).astype(np.uint16).tofile(data_dir / 'train.bin')
-    with open(data_dir / 'meta.pkl', 'wb') as f:
-        pickle.dump({'vocab_size': 50}, f)
+    (data_dir / 'meta.json').write_text(json.dumps({'vocab_size': 50, 'itos': [chr(65 + i) for i in range(50)]}))
     code, out, err = bench('--real_data=True', '--dataset=tiny', '--peak_flops=1e12', cwd=tmp_path)
     assert code == 0, err
     assert re.search(r"^time per iteration: [\d.]+ms, [\d,]+ tok/s, MFU [\d.]+%$", out, re.M), out

@@ -4,7 +4,6 @@ GPT-2's BPE files from TIKTOKEN_CACHE_DIR (or the offline copy beside the reposi
 """
 import os
 import json
-import pickle
 import subprocess
 import sys
 
@@ -43,9 +42,9 @@ def test_shakespeare_char_vocab_and_split_sizes(tmp_path):
     out = tmp_path / 'out'
     p = prepare('shakespeare_char', tmp_path, f'--input={source}', f'--out_dir={out}')
     assert p.returncode == 0, p.stderr
-    with open(out / 'meta.pkl', 'rb') as f:
-        meta = pickle.load(f)
-    assert meta['vocab_size'] == 65 and sorted(meta['stoi']) == sorted(set(text))
+    with open(out / 'meta.json', encoding='utf-8') as f:
+        meta = json.load(f)
+    assert meta['vocab_size'] == 65 and meta['itos'] == sorted(set(text))
     train = np.fromfile(out / 'train.bin', dtype=np.uint16)
     val = np.fromfile(out / 'val.bin', dtype=np.uint16)
     n = int(0.9 * len(text))  # nanoGPT's split

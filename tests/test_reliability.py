@@ -5,7 +5,6 @@ kill mid-write; a loss that blows up stops the run without touching the last goo
 import os
 import sys
 import json
-import pickle
 import shutil
 import subprocess
 
@@ -24,8 +23,7 @@ def make_dataset(work, name, n_tokens, vocab_size):
     tokens = np.random.default_rng(0).integers(0, vocab_size, n_tokens).astype(np.uint16)
     tokens.tofile(d / 'train.bin')
     tokens.tofile(d / 'val.bin')
-    with open(d / 'meta.pkl', 'wb') as f:
-        pickle.dump({'vocab_size': vocab_size}, f)
+    (d / 'meta.json').write_text(json.dumps({'vocab_size': vocab_size, 'itos': [chr(i) for i in range(vocab_size)]}))
 
 
 @pytest.fixture(scope='module')
@@ -136,7 +134,7 @@ def test_upcycling_with_impossible_moe_keys_stops_with_one_line(workdir, dense_r
 def test_resume_on_data_with_another_vocabulary_stops_with_one_line(workdir, trained):
     make_dataset(workdir, 'other_vocab', 1000, 100)
     fails_with(workdir, [*TINY, f'--out_dir={trained}', '--init_from=resume', '--dataset=other_vocab'],
-               "error: data/other_vocab/meta.pkl has a vocabulary of 100 tokens but the model has 65: prepare the data with the model's tokenizer")
+               "error: data/other_vocab/meta.json has a vocabulary of 100 tokens but the model has 65: prepare the data with the model's tokenizer")
 
 
 def test_pretrained_weights_with_a_smaller_block_size_stop_with_one_line(workdir, tmp_path):

@@ -137,12 +137,12 @@ def test_out_dir_without_checkpoint_stops_with_one_line(tmp_path):
 
 def test_char_model_without_meta_stops_with_one_line(tmp_path):
     _, out_dir = write_run(tmp_path, n_exp=1)
-    elsewhere = tmp_path / 'elsewhere'  # a cwd without data/tiny_char/meta.pkl
+    elsewhere = tmp_path / 'elsewhere'  # a cwd without data/tiny_char/meta.json
     elsewhere.mkdir()
     p = sample(elsewhere, f'--out_dir={out_dir}')
     assert p.returncode != 0
     assert p.stderr == (f"error: the model has {len(CHARS)} tokens, fewer than GPT-2's, and no "
-                        "data/tiny_char/meta.pkl to decode them: run from the repository root\n")
+                        "data/tiny_char/meta.json to decode them: run from the repository root\n")
 
 
 def test_missing_prompt_file_stops_with_one_line(tmp_path):

@@ -1,13 +1,13 @@
 """
 Tiny Shakespeare for character-level language modeling: every character is a token.
-Writes train.bin and val.bin (uint16 token ids, the first 90% of the text and the rest) and
-meta.pkl (vocab_size, itos, stoi: sample.py decodes with it) next to this script.
+Writes train.bin and val.bin (uint16 token ids, the first 90% of the text and the rest) and meta.json
+({"vocab_size": V, "itos": [each id's character]}: tokenizer.load_char_meta reads it) next to this script.
 $ python data/shakespeare_char/prepare.py                     # downloads input.txt if missing
 $ python data/shakespeare_char/prepare.py --input=my_text.txt # any UTF-8 text file instead
 """
 import os
 import sys
-import pickle
+import json
 import argparse
 import urllib.request
 
@@ -19,7 +19,7 @@ URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshake
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--input', help="text file to use; default: input.txt next to the outputs, downloaded if missing")
 parser.add_argument('--out_dir', default=os.path.dirname(os.path.abspath(__file__)),
-                    help="where the .bin and meta.pkl go")
+                    help="where the .bin and meta.json go")
 args = parser.parse_args()
 
 if args.input is not None and not os.path.isfile(args.input):
@@ -43,7 +43,6 @@ vocab_size = len(chars)
 print("all the unique characters:", ''.join(chars))
 print(f"vocab size: {vocab_size:,}")
 stoi = {ch: i for i, ch in enumerate(chars)}
-itos = {i: ch for i, ch in enumerate(chars)}
 
 n = len(data)
 os.makedirs(args.out_dir, exist_ok=True)
@@ -53,5 +52,5 @@ for split, text in (('train', data[:int(n * 0.9)]), ('val', data[int(n * 0.9):])
     print(f"{split} has {len(ids):,} tokens")
     ids.tofile(os.path.join(args.out_dir, f'{split}.bin'))
 
-with open(os.path.join(args.out_dir, 'meta.pkl'), 'wb') as f:
-    pickle.dump({'vocab_size': vocab_size, 'itos': itos, 'stoi': stoi}, f)
+with open(os.path.join(args.out_dir, 'meta.json'), 'w', encoding='utf-8') as f:
+    json.dump({'vocab_size': vocab_size, 'itos': chars}, f)
