@@ -1,9 +1,12 @@
 """
 The data/*/prepare.py scripts, run as a user runs them, on generated text and documents, with
-GPT-2's BPE files from TIKTOKEN_CACHE_DIR (or the offline copy beside the repository), writing into tmp dirs.
+GPT-2's BPE files from TIKTOKEN_CACHE_DIR (or the offline copy beside the repository), writing into tmp dirs;
+the character vocabularies and dataset names tokenizer.py reads.
 """
 import os
+import glob
 import json
+import pickle
 import subprocess
 import sys
 
@@ -182,3 +185,70 @@ def test_missing_input_stops_with_one_line_and_writes_nothing(tmp_path, name):
     assert p.stderr.startswith("error: no ") and str(tmp_path / 'missing.txt') in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# character-level vocabularies (tokenizer.py): meta.json, nanoGPT's meta.pkl as plain data only, and dataset
+# names that stay inside data/
+
+class RunsCode:
+    """ unpickled, it would create a file: what a crafted meta.pkl could do with os.system """
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, 'w')
+
+
+def test_char_meta_reads_meta_json_then_nanogpts_meta_pkl(tmp_path):
+    from tokenizer import load_char_meta
+    chars = ['\n', ' ', 'a', 'é']
+    want = {'vocab_size': 4, 'stoi': {c: i for i, c in enumerate(chars)}, 'itos': dict(enumerate(chars))}
+    assert load_char_meta(tmp_path) is None  # a GPT-2 BPE dataset
+    with open(tmp_path / 'meta.pkl', 'wb') as f:  # as nanoGPT's prepare script writes it
+        pickle.dump({'vocab_size': 4, 'itos': dict(enumerate(chars)), 'stoi': want['stoi']}, f)
+    assert load_char_meta(tmp_path) == want
+    (tmp_path / 'meta.json').write_text(json.dumps({'vocab_size': 4, 'itos': chars}))
+    (tmp_path / 'meta.pkl').write_bytes(b'not read: meta.json comes first')
+    assert load_char_meta(tmp_path) == want
+
+
+@pytest.mark.parametrize('name,content,message', [
+    ('meta.pkl', 'code', "holds a pickled object (io.open) that could run code as it loads: refused."),
+    ('meta.pkl', pickle.dumps({'vocab_size': 2, 'itos': {0: 'a', 1: 'b'}})[:-5], "cannot be read (UnpicklingError"),
+    ('meta.pkl', pickle.dumps({'vocab_size': 50}), "is not a character vocabulary"),
+    ('meta.json', b'{"vocab_size": 3, "itos": ["a", "b"]}', "is not a character vocabulary"),
+    ('meta.json', b'{"vocab_size": 2, "itos": ["a", 7]}', "is not a character vocabulary"),
+    ('meta.json', b'{"vocab_size": 2,', "cannot be read (JSONDecodeError"),
+])
+def test_char_meta_of_another_shape_or_that_runs_code_is_one_error_naming_the_file(tmp_path, name, content,
+                                                                                    message):
+    from tokenizer import load_char_meta
+    marker = tmp_path / 'code-ran'
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps({'vocab_size': 1, 'itos': [RunsCode(str(marker))]}) if content == 'code'
+                     else content)
+    with pytest.raises(ValueError) as e:
+        load_char_meta(tmp_path)
+    assert str(e.value).startswith(f"{path} {message}"), str(e.value)
+    assert str(e.value).endswith("prepare the data again with data/shakespeare_char/prepare.py --input=<its text>, "
+                                 "which writes meta.json")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize('name', ['../x', '/etc', 'a/b', '..', '.', ''])
+def test_a_dataset_is_a_folder_of_data_never_a_path(name):
+    from tokenizer import dataset_dir
+    assert dataset_dir('shakespeare_char') == os.path.join('data', 'shakespeare_char')
+    with pytest.raises(ValueError, match=r"is not the name of a folder in data/"):
+        dataset_dir(name)
+
+
+def test_the_product_code_loads_no_pickle_that_could_run_code():
+    # the scripts and modules, and data/*/prepare.py; the tests pickle on purpose
+    paths = glob.glob(os.path.join(ROOT, '*.py')) + glob.glob(os.path.join(ROOT, 'data', '*', '*.py'))
+    assert len(paths) > 10
+    for path in paths:
+        with open(path, encoding='utf-8') as f:
+            source = f.read()
+        assert 'pickle.load' not in source and 'weights_only=False' not in source, path

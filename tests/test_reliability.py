@@ -61,6 +61,7 @@ def fails_with(cwd, args, message, launcher_code=None):
     (['--n_embd=30', '--n_head=4'], "error: n_embd=30 is not divisible by n_head=4: pick n_embd a multiple of n_head"),
     (['--init_from=gtp2'], "error: init_from='gtp2' is not 'scratch', 'resume', a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local GPT-2 directory"),
     (['--dataset=empty'], "error: data/empty/train.bin not found: run python data/openwebtext/prepare.py --input=<your documents> --out_dir=data/empty first"),
+    (['--dataset=../data/shakespeare_char'], "error: dataset='../data/shakespeare_char' is not the name of a folder in data/: give --dataset=<a folder of data/>, without '/' or '..'"),
     (['--dataset=short'], "error: data/short/train.bin has 20 tokens, fewer than block_size + 1 = 33: use a smaller --block_size or more data"),
     (['--n_head=0'], "error: n_head=0 must be >= 1"),
     (['--eval_interval=0'], "error: eval_interval=0 must be >= 1"),

@@ -145,6 +145,30 @@ def test_char_model_without_meta_stops_with_one_line(tmp_path):
                         "data/tiny_char/meta.json to decode them: run from the repository root\n")
 
 
+class RunsCode:
+    """ unpickled, it would create a file: what a crafted meta.pkl could do with os.system """
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, 'w')
+
+
+@pytest.mark.parametrize('dataset', ['../elsewhere', '/abs/elsewhere'])
+def test_a_checkpoint_naming_a_dataset_outside_data_is_refused(tmp_path, dataset):
+    """ a checkpoint from elsewhere would otherwise pick the vocabulary file sample.py reads: a meta.pkl beside it """
+    _, out_dir = write_run(tmp_path, n_exp=1, dataset=dataset.replace('/abs', str(tmp_path)))
+    marker = tmp_path / 'code-ran'
+    (tmp_path / 'elsewhere').mkdir()
+    with open(tmp_path / 'elsewhere' / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': len(CHARS), 'itos': [RunsCode(str(marker))]}, f)
+    p = sample(tmp_path, f'--out_dir={out_dir}')
+    assert p.returncode == 1 and not marker.exists()
+    assert p.stderr == (f"error: {out_dir}/ckpt.pt names its dataset '{dataset.replace('/abs', str(tmp_path))}', "
+                        "not a folder of data/: refused (its vocabulary would be read from there). Sample "
+                        "checkpoints you trust\n")
+
+
 def test_missing_prompt_file_stops_with_one_line(tmp_path):
     _, out_dir = write_run(tmp_path, n_exp=4)
     missing = tmp_path / 'prompt.txt'
