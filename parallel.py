@@ -132,11 +132,12 @@ def _local(t):
 @torch.no_grad()
 def materialize(model, device, weights, source):
     """ A model built on 'meta', split (split_experts) and sharded (GPT.shard) there, given memory on device:
-    each parameter drawn whole by GPT.init_parameter on device, in the model's order, each process keeping its
-    part, the buffers zero; then, unless weights is None, each process copies its part of every tensor of weights
-    (a whole model's state dict, e.g. ckpt.pt's memory-mapped on the CPU) there. Every setup, sharded or not,
-    starts from the weights one process draws from the same seed on the same device type, and no process holds
-    more than its part. A ValueError if weights are not the model's """
+    each parameter drawn whole by GPT.init_parameter on device, in the model's order, each process keeping
+    its part, the buffers zero; then, unless weights is None, each process copies its part of every tensor of
+    weights (a whole model's state dict, e.g. ckpt.pt's memory-mapped on the CPU) there. Every setup, sharded
+    or not, starts from the weights one process draws from the same seed on the same device type, and no
+    process holds more than its part (and one whole parameter as it draws it). A ValueError if weights are not
+    the model's """
     model.to_empty(device=device)
     for name, p in model.named_parameters():
         whole = torch.empty(whole_shape(model, p), device=_local(p).device)
@@ -170,16 +171,17 @@ def my_optimizer_state(model, optimizer, saved):
         if hasattr(p, 'device_mesh'):
             return type(p).from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
         return v
-    return {**saved, 'state': {i: {k: part(params[i], v) for k, v in s.items()} for i, s in saved['state'].items()}}
+    state = {i: {k: part(params[i], v) for k, v in s.items()} for i, s in saved['state'].items()}
+    return {**saved, 'state': state}
 
 
 def whole_experts(model, optimizer):
     """ Under expert parallelism, for rank 0 to write: {name: expert weight} and {name: its optimizer state},
     whole; else ({}, {}). The processes of rank 0's EP group send it their experts through host memory, one
-    tensor at a time, and the state tensors shaped like them (AdamW's moments; its step is the same everywhere).
-    No other process receives another's experts; the other groups hold copies and send nothing """
+    tensor at a time, and the state tensors shaped like them (AdamW's moments; its step is the same
+    everywhere). No other process receives another's experts; the other groups hold copies and send nothing """
     group = expert_group(model)
-    if group is None or dist.get_rank() >= group.size():  # the groups are consecutive ranks: rank 0's is 0..n-1
+    if group is None or dist.get_rank() >= group.size():  # the groups are consecutive ranks: rank 0's 0..n-1
         return {}, {}
 
     def gather(t):

@@ -241,7 +241,7 @@ def get_batch(split, it, micro):
 
 # model init, from scratch, a run's checkpoint or GPT-2's weights (upcycled if n_exp > 1): checkpoint.start_model
 given = {k: config[k] for k in model_keys if k in given_keys}  # those a config file or the command line set
-torch.manual_seed(seed)  # the model's initial weights (and an upcycled model's routers)
+torch.manual_seed(seed)  # an upcycled model's routers
 try:
     cfg, weights, checkpoint = start_model(init_from, out_dir, {k: config[k] for k in model_keys}, given,
                                            meta_vocab_size)
@@ -285,7 +285,7 @@ if ep_size > 1:
     ep_group, replicas = split_experts(model, ep_size)
 if fsdp:  # weights in dtype: with bf16 weights the residual stream is bf16 too
     model.shard(device_type, ptdtype)
-torch.manual_seed(seed)
+torch.manual_seed(seed)  # the model's initial weights
 try:
     materialize(model, device, weights, ckpt_path if init_from == 'resume' else init_from)
 except ValueError as e:
