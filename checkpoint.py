@@ -89,7 +89,7 @@ def model_from_checkpoint(checkpoint, given=None, source='the checkpoint'):
     return model
 
 
-def load_weights(init_from, device, given):
+def load_weights(init_from, given):
     """ A new run's model: another run's (a directory with a ckpt.pt) or GPT-2's (a name or a save_pretrained
     directory), with the given keys as model_args_with applies them; for a dense model only its dense keys, the
     others being start_model's, to upcycle it with """
@@ -97,7 +97,7 @@ def load_weights(init_from, device, given):
     dense_given = {k: v for k, v in given.items() if k in DENSE_KEYS}
     if os.path.exists(run_ckpt_path):
         print(f"Initializing from the weights of the run in {init_from}")
-        checkpoint = load_checkpoint(run_ckpt_path, device)
+        checkpoint = load_checkpoint(run_ckpt_path, 'cpu')
         dense = checkpoint['model_args'].get('n_exp', 1) == 1
         return model_from_checkpoint(checkpoint, dense_given if dense else given, init_from)
     print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
@@ -129,7 +129,7 @@ def start_model(init_from, out_dir, args, given, vocab_size):
         # torch.compile'd models save their parameters under an '_orig_mod.' prefix
         weights = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
         return GPTConfig(**model_args_with(checkpoint['model_args'], given, 'the checkpoint')), weights, checkpoint
-    model = load_weights(init_from, 'cpu', {k: v for k, v in given.items() if k != 'block_size'})
+    model = load_weights(init_from, {k: v for k, v in given.items() if k != 'block_size'})
     if model.config.n_exp == 1 and args['n_exp'] > 1:
         model = model.upcycle(**{k: v for k, v in args.items() if k not in DENSE_KEYS})
         print(f"upcycled: every expert starts as a copy of its block's MLP ({args['n_exp']} experts, "
