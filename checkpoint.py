@@ -17,7 +17,7 @@ from dataclasses import asdict
 import torch
 
 from model import GPT, GPTConfig, DENSE_KEYS, RUN_SETTINGS
-from parallel import whole_experts, my_experts
+from parallel import whole_experts, my_optimizer_state
 
 
 def check_run_dirs(init_from, out_dir, eval_only):
@@ -43,7 +43,8 @@ def load_checkpoint(path, device):
     torch.load with weights_only=True unpickles nothing else, so a file from elsewhere cannot run code as it
     loads. A missing, truncated, foreign or code-carrying file is a one-line ValueError """
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        # memory-mapped: a tensor's bytes are read when used, and a process that uses a part reads that part
+        checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=True)
     except FileNotFoundError:
         raise ValueError(f"no checkpoint at {path}: train first, or point --out_dir at a run's directory")
     except pickle.UnpicklingError as e:  # weights_only met something other than tensors and plain data
@@ -88,7 +89,7 @@ def model_from_checkpoint(checkpoint, given=None, source='the checkpoint'):
     return model
 
 
-def load_weights(init_from, device, given):
+def load_weights(init_from, given):
     """ A new run's model: another run's (a directory with a ckpt.pt) or GPT-2's (a name or a save_pretrained
     directory), with the given keys as model_args_with applies them; for a dense model only its dense keys, the
     others being start_model's, to upcycle it with """
@@ -96,7 +97,7 @@ def load_weights(init_from, device, given):
     dense_given = {k: v for k, v in given.items() if k in DENSE_KEYS}
     if os.path.exists(run_ckpt_path):
         print(f"Initializing from the weights of the run in {init_from}")
-        checkpoint = load_checkpoint(run_ckpt_path, device)
+        checkpoint = load_checkpoint(run_ckpt_path, 'cpu')
         dense = checkpoint['model_args'].get('n_exp', 1) == 1
         return model_from_checkpoint(checkpoint, dense_given if dense else given, init_from)
     print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
@@ -105,28 +106,30 @@ def load_weights(init_from, device, given):
     return model
 
 
-def start_model(init_from, out_dir, args, given, vocab_size, device):
-    """ The model a run starts with, and for init_from='resume' the checkpoint it goes on from (else None): a new
-    model of args (the config's model keys, vocab_size from the data or GPT-2's 50304), out_dir's run, another
-    run's weights or GPT-2's, upcycled if dense and args' n_exp > 1, cropped to a smaller given block_size. A
-    saved model takes the given keys as model_args_with applies them. A bad input is a ValueError """
-    checkpoint = None
+def start_model(init_from, out_dir, args, given, vocab_size):
+    """ What a run starts from: (the model's GPTConfig, its weights as a state dict on the CPU or None for a new
+    model, for init_from='resume' the checkpoint it goes on from or None). A new model of args (the config's
+    model keys, vocab_size from the data or GPT-2's 50304), out_dir's run, another run's weights or GPT-2's,
+    upcycled if dense and args' n_exp > 1, cropped to a smaller given block_size. A saved model takes the given
+    keys as model_args_with applies them. A bad input is a ValueError """
     if init_from == 'scratch':
         print("Initializing a new model from scratch")
         if vocab_size is None:
             print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
-        return GPT(GPTConfig(**args, vocab_size=vocab_size or 50304)), checkpoint
+        return GPTConfig(**args, vocab_size=vocab_size or 50304), None, None
     block_size = given.get('block_size')
     if init_from == 'resume':
         print(f"Resuming training from {out_dir}")
-        checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device)
+        checkpoint = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), 'cpu')
         saved_block_size = checkpoint['model_args']['block_size']
         if block_size not in (None, saved_block_size):  # a crop would leave AdamW's state for wpe at the old size
             raise ValueError(f"block_size={block_size} is not the checkpoint's {saved_block_size}: resume with "
                              f"--block_size={saved_block_size}, or start a new run from its weights with "
                              f"--init_from={out_dir} --out_dir=<a new directory>")
-        return model_from_checkpoint(checkpoint, given), checkpoint
-    model = load_weights(init_from, device, {k: v for k, v in given.items() if k != 'block_size'})
+        # torch.compile'd models save their parameters under an '_orig_mod.' prefix
+        weights = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}
+        return GPTConfig(**model_args_with(checkpoint['model_args'], given, 'the checkpoint')), weights, checkpoint
+    model = load_weights(init_from, {k: v for k, v in given.items() if k != 'block_size'})
     if model.config.n_exp == 1 and args['n_exp'] > 1:
         model = model.upcycle(**{k: v for k, v in args.items() if k not in DENSE_KEYS})
         print(f"upcycled: every expert starts as a copy of its block's MLP ({args['n_exp']} experts, "
@@ -136,7 +139,7 @@ def start_model(init_from, out_dir, args, given, vocab_size, device):
                          f"use --block_size={model.config.block_size} or less")
     if block_size is not None and block_size < model.config.block_size:  # e.g. GPT-2's 1024 to a shorter one
         model.crop_block_size(block_size)
-    return model, checkpoint
+    return model.config, model.state_dict(), None
 
 
 def _rekey(optim_state, key):
@@ -153,20 +156,13 @@ def _param_names(model, optimizer):
     return [name[p] for group in optimizer.param_groups for p in group['params']]
 
 
-def load_optimizer_state(model, optimizer, scaler, checkpoint, fsdp):
+def load_optimizer_state(model, optimizer, scaler, checkpoint):
     """ AdamW's and the GradScaler's state from ckpt.pt; under FSDP and expert parallelism each process keeps
-    its share of the full state """
-    optim_state = my_experts(model, optimizer, checkpoint['optimizer'])
+    its part of the whole state (parallel.my_optimizer_state) """
     kernels = [{k: g[k] for k in ('fused', 'foreach') if k in g} for g in optimizer.param_groups]
     if checkpoint.get('scaler'):  # an empty dict unless the run trains in float16; absent in nanoGPT's format
         scaler.load_state_dict(checkpoint['scaler'])
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        by_name = _rekey(optim_state, dict(enumerate(_param_names(model, optimizer))))
-        set_optimizer_state_dict(model, optimizer, by_name,
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(optim_state)
+    optimizer.load_state_dict(my_optimizer_state(model, optimizer, checkpoint['optimizer']))
     for group, kernel in zip(optimizer.param_groups, kernels):  # this run's AdamW kernels, not the saved one's
         group.update(kernel)
 

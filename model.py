@@ -406,12 +406,15 @@ class GPT(nn.Module):
         # https://paperswithcode.com/method/weight-tying
         self.transformer.wte.weight = self.lm_head.weight
 
-        self.apply(self._init_weights)
-        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer), under Switch init too (as the earlier
-        # nanoMoE)
-        for pn, p in self.named_parameters():
-            if pn.endswith('c_proj.weight') or pn.endswith('experts.c_proj'):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        for name, p in self.named_parameters():
+            self.init_parameter(name, p)
+
+    def to_empty(self, *, device, recurse=True):
+        """ nn.Module's to_empty (a model built on 'meta' gets uninitialised tensors on device), wte and lm_head
+        tied again: to_empty gives each module a new Parameter """
+        super().to_empty(device=device, recurse=recurse)
+        self.lm_head.weight = self.transformer.wte.weight
+        return self
 
     def get_num_params(self, non_embedding=True, active=False):
         """ non_embedding leaves out wpe (wte is lm_head's); active counts the top_k of n_exp experts a token
@@ -426,27 +429,22 @@ class GPT(nn.Module):
                 n_params += per_expert * ((self.config.top_k if active else self.config.n_exp) - held)
         return n_params
 
-    def _init_weights(self, module):
-        switch = self.config.use_switch_tfm_init
-        if isinstance(module, nn.Linear):
-            # Switch init: every Linear, lm_head (tied to wte: the embeddings too), as the earlier nanoMoE
-            if switch:
-                _switch_init(module.weight, module.in_features, self.config.switch_tfm_init_scale)
-            elif module is not self.lm_head:  # tied to wte, which is initialised as an embedding
-                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        elif isinstance(module, MLPExperts):
-            for w in (module.c_fc, module.c_proj):  # (E, fan_in, fan_out)
-                if switch:
-                    _switch_init(w, w.size(1), self.config.switch_tfm_init_scale)
-                else:
-                    torch.nn.init.normal_(w, mean=0.0, std=0.02)
-            for b in (module.fc_bias, module.proj_bias):
-                if b is not None:
-                    torch.nn.init.zeros_(b)
+    @torch.no_grad()
+    def init_parameter(self, name, w):
+        """ GPT-2's init of the parameter called name into w, a tensor of its whole shape (parallel.py's init_my_part
+        draws a parameter split over processes whole): normal(0.02), the residual projections' std scaled by
+        1/sqrt(2 * n_layer) (GPT-2 §2.3, under Switch init too); zero biases, unit LayerNorm gains. With
+        use_switch_tfm_init Switch's init (§2.2) on every other matmul weight, lm_head (tied to wte) too """
+        if name.endswith('bias'):  # a Linear's or LayerNorm's, the experts' fc_bias and proj_bias
+            torch.nn.init.zeros_(w)
+        elif isinstance(self.get_submodule(name.rpartition('.')[0]), nn.LayerNorm):
+            torch.nn.init.ones_(w)
+        elif name.endswith(('c_proj.weight', 'experts.c_proj')):
+            torch.nn.init.normal_(w, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+        elif self.config.use_switch_tfm_init and name != 'transformer.wpe.weight':
+            _switch_init(w, w.size(1), self.config.switch_tfm_init_scale)  # fan_in: (out, in) or (E, C, H)
+        else:
+            torch.nn.init.normal_(w, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, cache=None, pos=None, dropless=False):
         """ cache, pos (T,): generate's, see there. dropless: MoE layers keep every token, whatever the

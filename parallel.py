@@ -122,33 +122,96 @@ def clip_grad_norm_(model, max_norm, ep_group):
     return total_norm
 
 
-def whole_experts(model, optimizer):
-    """ Under expert parallelism, the experts gathered whole over the EP group: {name: weight} and {name: its
-    AdamW state}; every process of the group calls this. Else ({}, {}) """
+def whole_shape(model, p):
+    """ the shape of parameter p of model whole: FSDP's DTensors carry it, expert parallelism's experts are
+    n_exp, not the E/n a process holds """
     group = expert_group(model)
-    if group is None:
+    if group is not None and id(p) in _expert_ids(model):
+        return (p.size(0) * group.size(), *p.shape[1:])
+    return p.shape
+
+
+def my_part(model, p, whole):
+    """ this process's part of whole, a tensor of parameter p's whole shape: its rows of FSDP's shard, its
+    experts under expert parallelism, else all of it. A view: nothing is copied """
+    if hasattr(p, 'device_mesh'):  # FSDP2 shards dim 0 (Shard(0)) in torch.chunk's blocks of rows
+        mesh, rows = p.device_mesh, p.to_local().size(0)
+        block = -(-p.size(0) // mesh.size())
+        return whole.narrow(0, min(mesh.get_local_rank() * block, p.size(0)), rows)
+    group = expert_group(model)
+    if group is not None and id(p) in _expert_ids(model):
+        return whole.chunk(group.size())[group.rank()]
+    return whole
+
+
+def _local(t):
+    """ the tensor holding t's values on this process: FSDP's shard of a DTensor, else t """
+    return t.to_local() if hasattr(t, 'to_local') else t
+
+
+@torch.no_grad()
+def materialize(model, device, weights, source):
+    """ A model built on 'meta', split (split_experts) and sharded (GPT.shard) there, given memory on device:
+    each parameter drawn whole by GPT.init_parameter on device, in the model's order, each process keeping
+    its part, the buffers zero; then, unless weights is None, each process copies its part of every tensor of
+    weights (a whole model's state dict, e.g. ckpt.pt's memory-mapped on the CPU) there. Every setup, sharded
+    or not, starts from the weights one process draws from the same seed on the same device type, and no
+    process holds more than its part (and one whole parameter as it draws it). A ValueError if weights are not
+    the model's """
+    model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        whole = torch.empty(whole_shape(model, p), device=_local(p).device)
+        model.init_parameter(name, whole)
+        _local(p).copy_(my_part(model, p, whole))
+    for b in model.buffers():  # the aux-free routing bias and its step load
+        b.zero_()
+    mine = model.state_dict(keep_vars=True)
+    if weights is not None:
+        wrong = [k for k, t in mine.items() if k not in weights or weights[k].shape != whole_shape(model, t)]
+        wrong += sorted(set(weights) - set(mine))
+        if wrong:
+            raise ValueError(f"{source} does not hold this model's weights: {', '.join(wrong)[:200]}")
+        for name, t in mine.items():
+            _local(t).copy_(my_part(model, t, weights[name]))
+    here = torch.empty(0, device=device).device  # 'cuda' with its index
+    misplaced = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device != here]
+    assert not misplaced, f"not on {here}: {misplaced}"  # a tensor that setup did not place stays on 'meta'
+
+
+def my_optimizer_state(model, optimizer, saved):
+    """ a checkpoint's optimizer state (optimizer.state_dict()'s layout, every tensor whole) with each state
+    tensor shaped like its parameter whole (AdamW's moments) cut to this process's part, on its device; others
+    (AdamW's step) as saved """
+    params = [p for g in optimizer.param_groups for p in g['params']]  # by their index in saved
+
+    def part(p, v):
+        if not torch.is_tensor(v) or v.shape != whole_shape(model, p):
+            return v
+        v = my_part(model, p, v).to(_local(p).device, copy=True)  # a copy: the memory map can close
+        if hasattr(p, 'device_mesh'):
+            return type(p).from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+        return v
+    state = {i: {k: part(params[i], v) for k, v in s.items()} for i, s in saved['state'].items()}
+    return {**saved, 'state': state}
+
+
+def whole_experts(model, optimizer):
+    """ Under expert parallelism, for rank 0 to write: {name: expert weight} and {name: its optimizer state},
+    whole; else ({}, {}). The processes of rank 0's EP group send it their experts through host memory, one
+    tensor at a time, and the state tensors shaped like them (AdamW's moments; its step is the same
+    everywhere). No other process receives another's experts; the other groups hold copies and send nothing """
+    group = expert_group(model)
+    if group is None or dist.get_rank() >= group.size():  # the groups are consecutive ranks: rank 0's 0..n-1
         return {}, {}
 
     def gather(t):
-        parts = [torch.empty_like(t) for _ in range(group.size())]
-        dist.all_gather(parts, t.detach().contiguous(), group=group)
-        return torch.cat(parts)
+        t = t.detach().cpu()  # gloo's, the CPU backend's, share of the process group (see train.py's backend)
+        parts = [torch.empty_like(t) for _ in range(group.size())] if dist.get_rank() == 0 else None
+        dist.gather(t, parts, dst=0, group=group)
+        return torch.cat(parts) if parts else None
     experts = _expert_ids(model)
     named = [(n, p) for n, p in model.named_parameters() if id(p) in experts]
-    # AdamW's moments gathered, its 'step' (a scalar, the same everywhere) as it is
-    return ({n: gather(p) for n, p in named},
-            {n: {k: gather(v) if v.dim() else v for k, v in optimizer.state[p].items()} for n, p in named})
-
-
-def my_experts(model, optimizer, optim_state):
-    """ a checkpoint's optimizer state (the experts' whole), under expert parallelism with this process's
-    share """
-    group = expert_group(model)
-    if group is None:
-        return optim_state
-    experts = _expert_ids(model)
-    params = [p for g in optimizer.param_groups for p in g['params']]  # by their index in optim_state
-    share = lambda t: t.chunk(group.size())[group.rank()].clone()
-    state = {i: {k: share(v) if id(params[i]) in experts and v.dim() else v for k, v in s.items()}
-             for i, s in optim_state['state'].items()}
-    return {**optim_state, 'state': state}
+    weights = {n: gather(p) for n, p in named}
+    states = {n: {k: gather(v) if torch.is_tensor(v) and v.shape == p.shape else v
+                  for k, v in optimizer.state[p].items()} for n, p in named}
+    return (weights, states) if dist.get_rank() == 0 else ({}, {})

@@ -28,8 +28,8 @@ from torch.distributed import init_process_group, destroy_process_group
 
 from model import GPTConfig, GPT, DENSE_KEYS, use_grouped_mm
 from machine import gpu_peak_flops, pick_device
-from parallel import (parallel_setup_problem, split_experts, ddp_ignore_experts, reduce_expert_grads,
-                      clip_grad_norm_, say_error_once)
+from parallel import (parallel_setup_problem, split_experts, materialize, ddp_ignore_experts,
+                      reduce_expert_grads, clip_grad_norm_, say_error_once)
 from checkpoint import (check_run_dirs, start_model, load_optimizer_state, save_checkpoint, trim_log,
                         write_run_record)
 from manager import MANAGER
@@ -97,7 +97,7 @@ warmup_iters = 2000  # how many steps to warm up for
 lr_decay_iters = 600000  # should be ~= max_iters per Chinchilla
 min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
 # DDP settings
-backend = ''  # '' picks: 'nccl' on CUDA, 'gloo' on CPU
+backend = ''  # '' picks: 'cpu:gloo,cuda:nccl' on CUDA, 'gloo' on CPU
 fsdp = False  # under torchrun: shard weights, gradients and AdamW state over the processes (FSDP2), for big models
 ep_size = 1  # under torchrun: each MoE layer's experts split over groups of ep_size processes (parallel.py)
 # system
@@ -214,7 +214,8 @@ except ValueError as e:
 
 # various inits, derived attributes, I/O setup
 if ddp:
-    init_process_group(backend=backend or ('nccl' if device_type == 'cuda' else 'gloo'))
+    # on CUDA gloo beside NCCL: the expert-parallel checkpoint gathers through host memory (parallel.whole_experts)
+    init_process_group(backend=backend or ('cpu:gloo,cuda:nccl' if device_type == 'cuda' else 'gloo'))
     # on every way out, errors included: no process group left to die at exit
     atexit.register(destroy_process_group)
     gradient_accumulation_steps //= ddp_world_size  # the global count: each process runs its share
@@ -238,14 +239,13 @@ def get_batch(split, it, micro):
 
 # model init, from scratch, a run's checkpoint or GPT-2's weights (upcycled if n_exp > 1): checkpoint.start_model
 given = {k: config[k] for k in model_keys if k in given_keys}  # those a config file or the command line set
-map_location = 'cpu' if fsdp else device  # FSDP: each process keeps its shard of what it read
-torch.manual_seed(seed)  # the model's initial weights
+torch.manual_seed(seed)  # an upcycled model's routers
 try:
-    model, checkpoint = start_model(init_from, out_dir, {k: config[k] for k in model_keys}, given, meta_vocab_size,
-                                    map_location)
-    if meta_vocab_size is not None and meta_vocab_size != model.config.vocab_size:
+    cfg, weights, checkpoint = start_model(init_from, out_dir, {k: config[k] for k in model_keys}, given,
+                                           meta_vocab_size)
+    if meta_vocab_size is not None and meta_vocab_size != cfg.vocab_size:
         raise ValueError(f"{meta_path} has a vocabulary of {meta_vocab_size} tokens but the model has "
-                         f"{model.config.vocab_size}: prepare the data with the model's tokenizer")
+                         f"{cfg.vocab_size}: prepare the data with the model's tokenizer")
 except ValueError as e:
     fail(e)
 iter_num, best_val_loss, saved_iter = 0, 1e9, None  # saved_iter: the iteration out_dir's ckpt.pt holds
@@ -254,8 +254,7 @@ if checkpoint is not None:  # a resumed run
     iter_num = saved_iter = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
     train_s = checkpoint.get('train_s', 0.0)  # checkpoints of the earlier nanoMoE have none
-model_args = asdict(model.config)  # what the checkpoint needs to build the model again
-raw_model, cfg = model, model.config  # what we save: neither compiled nor wrapped
+model_args = asdict(cfg)  # what the checkpoint needs to build the model again
 # what runs is what the run records (ckpt.pt's config, run.json): the model's keys, given or saved
 config.update({k: model_args[k] for k in model_keys})
 block_size = cfg.block_size
@@ -277,21 +276,27 @@ if master_process and dropless and (ep_size > 1 or not use_grouped_mm(torch.devi
                                                       (cfg.n_embd, cfg.expert_hidden_size))):
     print(f"warning: dropless routing here runs the experts on padded slots for all N tokens each: "
           f"n_exp/top_k = {cfg.n_exp / cfg.top_k:.1f}x the expert FLOPs and memory of the N*top_k assignments")
+with torch.device('meta'):  # no memory: materialize gives each process its part of the model on its device
+    model = GPT(cfg)
 ep_group = replicas = None  # expert parallelism's groups, see parallel.py
 if ep_size > 1:
     ep_group, replicas = split_experts(model, ep_size)
 if fsdp:  # weights in dtype: with bf16 weights the residual stream is bf16 too
     model.shard(device_type, ptdtype)
-else:
-    model.to(device)
+torch.manual_seed(seed)  # the model's initial weights
+try:
+    materialize(model, device, weights, ckpt_path if init_from == 'resume' else init_from)
+except ValueError as e:
+    fail(e)
+raw_model = model  # what we save: neither compiled nor wrapped
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # a no-op unless float16
 peak_flops = gpu_peak_flops(device) if device_type == 'cuda' else 0.0  # 0: no MFU
 
 # optimizer
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
-    load_optimizer_state(model, optimizer, scaler, checkpoint, fsdp)
-checkpoint = None  # free up memory
+    load_optimizer_state(model, optimizer, scaler, checkpoint)
+checkpoint = weights = None  # free up memory
 
 if compile:
     print("compiling the model... (takes a ~minute)")

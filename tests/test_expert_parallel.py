@@ -1,17 +1,20 @@
 """
-train.py with ep_size=2 (expert parallelism beside DDP or FSDP): torchrun on 2 CPU processes (gloo), run as
-a user runs it, against one process with the same global batch.
+train.py with ep_size=2 (expert parallelism beside DDP or FSDP): torchrun on 2 and 4 CPU processes (gloo), run as
+a user runs it, against one process with the same global batch; and the checkpoint's gather of the experts.
 """
+import copy
 import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import ROOT, TORCHRUN, TINY, MOE, train, logged
 
+TORCHRUN_4 = [*TORCHRUN[:-1], '--nproc_per_node=4']  # two EP groups of 2: the replicas' all-reduce runs
 # accumulation 2 per process under torchrun, 4 on one process; a clip that acts (its norm counts every expert)
 ARGS = [*TINY, '--gradient_accumulation_steps=4', '--grad_clip=0.1']
 
@@ -42,14 +45,15 @@ def assert_same_evals(a, b):
     assert max(abs(x - y) for x, y in zip(val_a, val_b)) < 1e-5
 
 
-def test_ep_matches_one_process_holding_half_the_experts(workdir):
-    """ top-2 with a capacity that drops, a shared expert, the aux and z losses and the aux-free bias: the
-    same weights, AdamW state, routing biases and eval losses as one process; each holds half the experts """
+def test_ep_on_4_processes_matches_one_process_holding_half_the_experts(workdir):
+    """ 4 processes, 2 EP groups of 2 (each expert's gradient summed over its 2 replicas): top-2 with a capacity
+    that drops, a shared expert, the aux and z losses and the aux-free bias: the same weights, AdamW state,
+    routing biases and eval losses as one process; each holds half the experts """
     args = [*ARGS, *MOE, '--train_capacity=0.5', '--n_shared_exp=1', '--expert_hidden=64',
             '--use_aux_free_bias=True', '--bias_update_speed=0.01', '--max_iters=3', '--eval_interval=3',
             '--eval_iters=4']
     ep, single = workdir / 'out-ep', workdir / 'out-ep-single'
-    p = train(workdir, *args, '--ep_size=2', f'--out_dir={ep}', launcher=TORCHRUN)
+    p = train(workdir, *args, '--ep_size=2', f'--out_dir={ep}', launcher=TORCHRUN_4)
     assert p.stdout.count('saving checkpoint') == 1  # only rank 0 writes
     q = train(workdir, *args, f'--out_dir={single}')
     assert_same_run(ep, single)
@@ -64,11 +68,11 @@ def test_ep_matches_one_process_holding_half_the_experts(workdir):
 
 
 def test_ep_resumes_across_one_process_and_samples(workdir):
-    """ top-1 dropless: an EP run resumes under EP, its checkpoint on one process, that one's under EP with
-    FSDP, and the run equals one process's straight run; its checkpoint samples """
+    """ top-1 dropless: an EP run with FSDP resumes under EP, its checkpoint on one process, that one's under EP
+    with FSDP, and the run equals one process's straight run; its checkpoint samples """
     args = [*ARGS, '--n_exp=4', '--top_k=1', '--train_capacity=0', '--eval_capacity=0', '--eval_interval=2']
     ep, single = workdir / 'out-ep-resume', workdir / 'out-ep-resume-single'
-    train(workdir, *args, '--ep_size=2', f'--out_dir={ep}', '--max_iters=2', launcher=TORCHRUN)
+    train(workdir, *args, '--ep_size=2', '--fsdp=True', f'--out_dir={ep}', '--max_iters=2', launcher=TORCHRUN)
     resume = ['--init_from=resume', f'--out_dir={ep}']
     train(workdir, *args, *resume, '--ep_size=2', '--max_iters=4', launcher=TORCHRUN)
     train(workdir, *args, *resume, '--max_iters=6')
@@ -82,6 +86,56 @@ def test_ep_resumes_across_one_process_and_samples(workdir):
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert len(p.stdout.strip()) >= 40
+
+
+def test_ep_checkpoint_sends_the_experts_to_rank_0_alone(monkeypatch):
+    """ whole_experts on each of 4 processes with ep_size=2, torch.distributed replaced by a stand-in that runs
+    their collectives in one process and fails on any but gather: only rank 0's EP group (ranks 0, 1) sends,
+    from the CPU, to rank 0 alone, which gets every expert and every optimizer state tensor shaped like one whole
+    (AdamW's moments, and a momentum like Muon's) """
+    import parallel
+    from model import GPT, GPTConfig, MOELayer
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=8, vocab_size=64, n_exp=4, stride=1, bias=True)
+    whole = GPT(config)
+    state = lambda p: {'step': torch.tensor(3.0), 'exp_avg': 2 * p.detach(), 'exp_avg_sq': p.detach() ** 2,
+                       'momentum_buffer': p.detach() + 1}
+
+    class Dist:
+        def __init__(self, rank):
+            self.rank, self.sent = rank, []
+
+        def get_rank(self):
+            return self.rank
+
+        def gather(self, t, parts, dst, group):
+            assert dst == 0 and t.device.type == 'cpu' and (parts is None) == (self.rank != 0)
+            self.sent.append(t)
+            if parts is not None:  # rank 1's tensor of the same call: it ran first
+                parts[0].copy_(t)
+                parts[1].copy_(processes[1].sent[len(self.sent) - 1])
+
+    processes = {rank: Dist(rank) for rank in (3, 2, 1, 0)}  # rank 0 last: it receives what rank 1 sent
+    for rank, fake in processes.items():
+        model = copy.deepcopy(whole)
+        group = SimpleNamespace(size=lambda: 2, rank=lambda r=rank % 2: r)  # EP groups {0, 1} and {2, 3}
+        for layer in model.modules():
+            if isinstance(layer, MOELayer):
+                layer.ep_group = group
+                for name, p in list(layer.experts.named_parameters()):  # experts 2r, 2r + 1 of 4
+                    setattr(layer.experts, name, torch.nn.Parameter(p.detach().chunk(2)[rank % 2].clone()))
+        optimizer = SimpleNamespace(state={p: state(p) for p in model.parameters()})
+        monkeypatch.setattr(parallel, 'dist', fake)
+        weights, states = parallel.whole_experts(model, optimizer)
+        assert len(fake.sent) == (0 if rank >= 2 else 2 * 4 * 4)  # 2 layers: 4 expert tensors, 3 states of each
+        if rank != 0:
+            assert weights == {} and states == {}
+    expected = {n: p for n, p in whole.named_parameters() if '.experts.' in n}
+    assert set(weights) == set(expected) and len(expected) == 4 * 2
+    for name, p in expected.items():
+        torch.testing.assert_close(weights[name], p.detach(), rtol=0, atol=0)
+        for key, value in state(p).items():
+            torch.testing.assert_close(states[name][key], value, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('args, launcher, message', [
