@@ -76,6 +76,7 @@ def load_char_meta(data_dir):
     itos = meta.get('itos') if isinstance(meta, dict) else None
     if isinstance(itos, dict) and set(itos) == set(range(len(itos))):  # nanoGPT's meta.pkl: {id: char}
         itos = [itos[i] for i in range(len(itos))]
-    if not (isinstance(itos, list) and all(isinstance(c, str) for c in itos) and meta.get('vocab_size') == len(itos)):
-        raise ValueError(f"{path} is not a character vocabulary {{'vocab_size': V, 'itos': [V characters]}}: {fix}")
+    if not (isinstance(itos, list) and all(isinstance(c, str) for c in itos)
+            and meta.get('vocab_size') == len(itos)):
+        raise ValueError(f"{path} is not a character vocabulary {{'vocab_size': V, 'itos': [V chars]}}: {fix}")
     return {'vocab_size': len(itos), 'stoi': {c: i for i, c in enumerate(itos)}, 'itos': dict(enumerate(itos))}

@@ -158,6 +158,7 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 try:
     check_run_dirs(init_from, out_dir, eval_only)
     data_dir = dataset_dir(dataset)
+    meta = load_char_meta(data_dir)  # None: GPT-2's BPE
 except ValueError as e:
     fail(e)
 for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval'):
@@ -197,10 +198,6 @@ if decay_lr and not eval_only and warmup_iters >= max_iters:
 if decay_lr and not eval_only and not 0.5 * max_iters <= lr_decay_iters <= 1.1 * max_iters:
     print(f"warning: lr_decay_iters={lr_decay_iters} is far from max_iters={max_iters}: the cosine decay ends "
           f"{'after' if lr_decay_iters > max_iters else 'long before'} the run (set --lr_decay_iters={max_iters})")
-try:
-    meta = load_char_meta(data_dir)  # None: GPT-2's BPE
-except ValueError as e:
-    fail(e)
 meta_vocab_size, meta_path = (meta['vocab_size'], char_meta_path(data_dir)) if meta else (None, None)
 if meta is not None:
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
