@@ -19,8 +19,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import MOELayer, MLPExperts
 
 
-def parallel_setup_problem(fsdp, ep_size, ddp, world_size, dtype):
-    """ what is wrong with fsdp and ep_size for these processes and dtype, as one line naming the fix, or None """
+def parallel_setup_problem(fsdp, ep_size, ddp, world_size, dtype, backend):
+    """ what is wrong with fsdp and ep_size for these processes, dtype and backend, as one line naming the fix, or
+    None """
     if fsdp and not ddp:
         return ("fsdp=True shards the model over the processes torchrun starts: "
                 "run torchrun --standalone --nproc_per_node=N train.py ... --fsdp=True")
@@ -35,6 +36,9 @@ def parallel_setup_problem(fsdp, ep_size, ddp, world_size, dtype):
     if ep_size > 1 and dtype == 'float16':
         return ("ep_size > 1 does not train in float16 (its GradScaler would see only this process's experts' "
                 "gradients): use --dtype=bfloat16 or float32")
+    if ep_size > 1 and backend and 'gloo' not in backend:  # whole_experts gathers on the CPU
+        return (f"ep_size > 1 saves its experts through host memory, which backend='{backend}' cannot send: "
+                "leave backend empty, or add gloo (--backend=cpu:gloo,cuda:nccl)")
     return None
 
 

@@ -170,7 +170,7 @@ if dtype not in ('float32', 'bfloat16', 'float16'):
     fail(f"dtype='{dtype}' is not one of float32, bfloat16, float16 ('' picks one for the device)")
 if device_type == 'cuda' and not torch.cuda.is_available():
     fail(f"device='{device}' but torch finds no CUDA GPU: use --device=cpu, or leave device empty to pick")
-if (problem := parallel_setup_problem(fsdp, ep_size, ddp, ddp_world_size, dtype)):
+if (problem := parallel_setup_problem(fsdp, ep_size, ddp, ddp_world_size, dtype, backend)):
     fail(problem)
 if gradient_accumulation_steps % ddp_world_size != 0:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the {ddp_world_size} "

@@ -151,3 +151,10 @@ def test_ep_bad_input_stops_with_one_line(workdir, args, launcher, message):
     errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
     assert errors and errors[0].startswith(message), p.stderr
     assert not out.exists()
+
+
+def test_ep_with_a_backend_without_gloo_stops_with_one_line():
+    from parallel import parallel_setup_problem
+    assert parallel_setup_problem(False, 2, True, 2, 'bfloat16', 'cpu:gloo,cuda:nccl') is None
+    problem = parallel_setup_problem(False, 2, True, 2, 'bfloat16', 'nccl')
+    assert problem.startswith("ep_size > 1 saves its experts through host memory, which backend='nccl' cannot")
