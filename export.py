@@ -79,7 +79,8 @@ def hf_gpt2(model, eos_id):
 
 
 def hf_nanomoe(model, eos_id):
-    """ the MoE GPT as modeling_nanomoe's model, registered so that save_pretrained writes its code and auto_map """
+    """ the MoE GPT as modeling_nanomoe's model, registered so that save_pretrained writes its code beside the
+    weights and config.json's auto_map """
     from modeling_nanomoe import NanoMoEConfig, NanoMoEForCausalLM
     NanoMoEConfig.register_for_auto_class()
     NanoMoEForCausalLM.register_for_auto_class('AutoModelForCausalLM')
@@ -91,20 +92,22 @@ def hf_nanomoe(model, eos_id):
 
 
 def model_card(model, checkpoint, run, tokenizer_name):
-    """ README.md: what the model is, how it was trained (run.json, else the checkpoint's config), how to load it """
+    """ README.md: what the model is, how it was trained (run.json, else the checkpoint's config), how to load
+    it """
     cfg, moe = model.config, model.config.n_exp > 1
     config = run.get('config', checkpoint.get('config', {}))
-    kind = (f"a Mixture-of-Experts GPT: {cfg.n_exp} experts per MoE layer, top_k={cfg.top_k}, every "
-            f"{cfg.stride}{'th' if cfg.stride > 1 else ''} block MoE, expert hidden size {cfg.expert_hidden_size}, "
-            f"{cfg.n_shared_exp} shared experts" if moe else "a dense GPT-2")
+    n_moe = sum(i % cfg.stride == 0 for i in range(cfg.n_layer)) if moe else 0
+    kind = (f"A Mixture-of-Experts GPT: {n_moe} of its {cfg.n_layer} blocks MoE, {cfg.n_exp} experts each, "
+            f"top_k={cfg.top_k}, expert hidden size {cfg.expert_hidden_size}, {cfg.n_shared_exp} shared experts"
+            if moe else f"A dense GPT-2 of {cfg.n_layer} blocks")
     n_params, n_active = model.get_num_params(), model.get_num_params(active=True)
-    load = (f"AutoModelForCausalLM.from_pretrained(path{', trust_remote_code=True' if moe else ''})")
+    remote = ', trust_remote_code=True' if moe else ''
     lines = [
         "---", "library_name: transformers", f"tags: [nanoMoE{', mixture-of-experts' if moe else ''}]", "---", "",
         f"# {os.path.basename(os.path.abspath(hf_dir))}", "",
-        f"{kind[0].upper()}{kind[1:]}, trained with nanoMoE: "
-        f"{cfg.n_layer} layers, {cfg.n_head} heads, n_embd {cfg.n_embd}, context {cfg.block_size} tokens, "
-        f"{n_params / 1e6:.2f}M parameters ({n_active / 1e6:.2f}M active per token), {tokenizer_name}.", "",
+        f"{kind}, trained with nanoMoE: {cfg.n_head} heads, n_embd {cfg.n_embd}, context {cfg.block_size} "
+        f"tokens, {n_params / 1e6:.2f}M parameters ({n_active / 1e6:.2f}M active per token), "
+        f"{tokenizer_name}.", "",
         "## Training", "",
         f"Dataset `{config.get('dataset', '?')}`, {checkpoint.get('iter_num', '?')} iterations, best val loss "
         f"{checkpoint.get('best_val_loss', float('nan')):.4f}; torch {run.get('torch', '?')}, nanoMoE commit "
@@ -112,12 +115,14 @@ def model_card(model, checkpoint, run, tokenizer_name):
         "```json", json.dumps(config, indent=1), "```", "",
         "## Use", "",
         "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"model = {load}", "tokenizer = AutoTokenizer.from_pretrained(path)", "```", ""]
+        "path = '<this directory, or its name on the Hub>'",
+        f"model = AutoModelForCausalLM.from_pretrained(path{remote})",
+        f"tokenizer = AutoTokenizer.from_pretrained(path{remote})", "```", ""]
     if moe:
         lines += [
-            "The model code (`modeling_nanomoe.py`, inference only) routes every token dropless, with no expert "
-            "capacity, and causally, as nanoMoE's `generate` does: a token's output never depends on later "
-            "tokens, and transformers' key/value cache holds.", ""]
+            "The model code (`modeling_nanomoe.py`, inference only, for transformers 5) routes every token "
+            "dropless, with no expert capacity, and causally, as nanoMoE's `generate` does: a token's output "
+            "never depends on later tokens, and transformers' key/value cache holds.", ""]
     lines += ["Back in nanoMoE: `python train.py --init_from=<this directory>` trains on from these weights, "
               "`python sample.py --init_from=<this directory>` samples them.", ""]
     return "\n".join(lines)
@@ -141,12 +146,16 @@ except (TypeError, RuntimeError) as e:  # GPTConfig's unknown keys, load_state_d
              "export a checkpoint that train.py wrote")
 model.eval()
 run_path = os.path.join(out_dir, 'run.json')
-run = json.load(open(run_path)) if os.path.exists(run_path) else {}
+run = {}
+if os.path.exists(run_path):
+    with open(run_path) as f:
+        run = json.load(f)
 dataset = checkpoint.get('config', {}).get('dataset')
 meta = load_char_meta(os.path.join('data', dataset)) if dataset else None
 if meta is None and model.config.vocab_size < 50257:
     sys.exit(f"error: the model has {model.config.vocab_size} tokens, fewer than GPT-2's, and there is no "
-             f"character-level metadata in data/{dataset or '<dataset>'}/: run export.py from the repository root")
+             f"character-level metadata in data/{dataset or '<dataset>'}/: run export.py from the repository "
+             "root")
 
 from transformers import PreTrainedTokenizerFast
 block_size = model.config.block_size
@@ -155,7 +164,8 @@ if meta is None:
                                         unk_token=ENDOFTEXT, model_max_length=block_size)
     eos_id, tokenizer_name = 50256, "GPT-2's BPE tokenizer"
 else:
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=char_tokenizer(meta), model_max_length=block_size)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=char_tokenizer(meta),
+                                        model_max_length=block_size)
     eos_id, tokenizer_name = None, f"a character-level tokenizer of {meta['vocab_size']} characters"
 hf = hf_gpt2(model, eos_id) if model.config.n_exp == 1 else hf_nanomoe(model, eos_id)
 

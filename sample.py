@@ -105,7 +105,8 @@ if os.path.exists(tokenizer_path):
     try:
         tokenizer.encode(start)
     except Exception as e:  # tokenizers raises a bare Exception, e.g. for a character not in a char-level vocab
-        sys.exit(f"error: the prompt cannot be tokenized by {tokenizer_path} ({e}): leave out what it does not know")
+        sys.exit(f"error: the prompt cannot be tokenized by {tokenizer_path} ({e}): leave out what it does "
+                 "not know")
     encode = lambda s: tokenizer.encode(s).ids
     decode = lambda l: tokenizer.decode(l, skip_special_tokens=False)
 elif meta_path is not None and os.path.exists(meta_path):

@@ -2,10 +2,11 @@
 export.py's directories read by clients this repository did not write: transformers (AutoModelForCausalLM,
 AutoTokenizer, generate with its key/value cache) and lm-evaluation-harness, in one process started from another
 folder that cannot import this repository; and read back here by train.py --init_from and sample.py --init_from.
-Three runs, their weights noised away from the init so that every token, expert and bias matters: a dense
-character-level GPT without biases, n_embd 30; a character-level MoE with every feature routing reads (top-2,
-fine-grained and shared experts, the aux-free bias, noisy top-k's weights, a float32 router, a capacity that
-drops); a GPT-2 BPE MoE with top-1 routing, for lm-evaluation-harness against hellaswag.py.
+Four runs, their weights noised away from the init so that every token, expert and bias matters: a dense
+character-level GPT without biases, n_embd 30; a dense GPT-2 BPE one with biases; a character-level MoE with
+every feature routing reads (top-2, fine-grained and shared experts, the aux-free bias, noisy top-k's weights, a
+float32 router, a capacity that drops); a GPT-2 BPE MoE with top-1 routing, for lm-evaluation-harness against
+hellaswag.py.
 export.py, prepare.py and sample.py run in this process (runpy, their command lines in sys.argv): each would
 spend seconds importing transformers in a subprocess of its own.
 """
@@ -31,22 +32,23 @@ CHAR_TEXT = "ROMEO:\nBut soft, what light"
 BPE_TEXT = "Hello world, <|endoftext|> naïve  café\n\t1234"
 RUNS = {  # name: GPTConfig args (block_size and vocab_size aside)
     'dense_char': dict(n_layer=2, n_head=3, n_embd=30, bias=False),
+    'dense_bpe': dict(n_layer=1, n_head=2, n_embd=32, bias=True),
     'moe_char': dict(n_layer=2, n_head=2, n_embd=32, bias=True, n_exp=4, top_k=2, stride=1, expert_hidden=24,
                      n_shared_exp=1, use_aux_free_bias=True, use_noisy_top_k=True, router_use_full_prec=True,
                      eval_capacity=0.5, min_capacity=1),
     'moe_bpe': dict(n_layer=2, n_head=2, n_embd=32, bias=False, n_exp=4, top_k=1, stride=2),
 }
-ITEMS = [  # HellaSwag's format; contexts end without a space, so the harness and hellaswag.py split the same tokens
-    {'ctx': "A man is sitting on a roof. He", 'endings': ["is using wrap to wrap a pair of skis.",
-                                                          "is ripping level tiles off.", "is holding a rubik's cube.",
-                                                          "starts pulling up roofing on a roof."], 'label': 3},
-    {'ctx': "The woman pours water into a glass and", 'endings': ["drinks it.", "sings loudly to the moon.",
-                                                                  "paints the glass red.", "falls asleep."], 'label': 0},
-    {'ctx': "A dog runs across the park", 'endings': ["chasing a ball.", "and reads a book.", "to its owner.",
-                                                      "while it rains."], 'label': 2},
-    {'ctx': "Two kids build a sandcastle on the beach", 'endings': ["then a wave knocks it down.",
-                                                                    "and fly away.", "with buckets and spades.",
-                                                                    "in the snow."], 'label': 0},
+# HellaSwag's format; the contexts end without a space, so that the harness and hellaswag.py split the same tokens
+ITEMS = [
+    {'ctx': "A man is sitting on a roof. He", 'label': 3,
+     'endings': ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."]},
+    {'ctx': "The woman pours water into a glass and", 'label': 0,
+     'endings': ["drinks it.", "sings loudly to the moon.", "paints the glass red.", "falls asleep."]},
+    {'ctx': "A dog runs across the park", 'label': 2,
+     'endings': ["chasing a ball.", "and reads a book.", "to its owner.", "while it rains."]},
+    {'ctx': "Two kids build a sandcastle on the beach", 'label': 0,
+     'endings': ["then a wave knocks it down.", "and fly away.", "with buckets and spades.", "in the snow."]},
 ]
 
 # What a machine without this repository does with the exported directories: it runs from its own folder,
@@ -63,10 +65,18 @@ for name, run in spec['runs'].items():
     ids = torch.tensor([run['ids']])
     with torch.no_grad():
         logits = model(ids).logits[0]
-    generated = {cache: model.generate(ids, max_new_tokens=run['new'], do_sample=False, use_cache=cache)[0].tolist()
+    generated = {cache: model.generate(ids, max_new_tokens=run['new'], do_sample=False, use_cache=cache)
                  for cache in (True, False)}
-    out[name] = {'class': type(model).__name__, 'logits': logits.tolist(), 'generated': generated,
+    out[name] = {'class': type(model).__name__, 'logits': logits.tolist(),
+                 'generated': {cache: g[0].tolist() for cache, g in generated.items()},
                  'ids': tokenizer(run['text'])['input_ids'], 'text': tokenizer.decode(run['ids'])}
+    if 'short' in run:  # a batch of the prompt and a shorter one, left-padded with token 0
+        pad = len(run['ids']) - len(run['short'])
+        batch = torch.tensor([run['ids'], [0] * pad + run['short']])
+        mask = torch.ones_like(batch)
+        mask[1, :pad] = 0
+        out[name]['batch'] = model.generate(batch, attention_mask=mask, max_new_tokens=run['new'], do_sample=False,
+                                            pad_token_id=0)[:, -run['new']:].tolist()
 if 'lm_eval' in spec:
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -152,6 +162,8 @@ def exported(tmp_path_factory):
             ids = [meta['stoi'][c] for c in CHAR_TEXT]
         runs[name] = {'model': model, 'dir': str(work / f'hf_{name}'), 'ids': ids,
                       'text': BPE_TEXT if bpe else CHAR_TEXT, 'new': 12}
+        if name.startswith('moe'):
+            runs[name]['short'] = ids[len(ids) // 3:]
     spec = {'runs': {name: {k: v for k, v in run.items() if k != 'model'} for name, run in runs.items()}}
     if HAS_BPE:
         with open(work / 'items.jsonl', 'w') as f:
@@ -176,7 +188,8 @@ def test_exported_models_load_where_the_repository_cannot_be_imported(exported):
     _, _, runs, hf = exported
     assert hf['repo_importable'] == []
     assert hf['dense_char']['class'] == 'GPT2LMHeadModel'  # transformers' own, no custom code
-    assert all(hf[name]['class'] == 'NanoMoEForCausalLM' for name in runs if name.startswith('moe'))
+    assert all(hf[name]['class'] == ('NanoMoEForCausalLM' if name.startswith('moe') else 'GPT2LMHeadModel')
+               for name in runs)
     with open(os.path.join(runs['moe_char']['dir'], 'README.md')) as f:
         card = f.read()
     assert 'trust_remote_code=True' in card and 'dropless' in card and '"dataset": "shakespeare_char"' in card
@@ -187,20 +200,24 @@ def test_transformers_logits_equal_the_dropless_forward(exported):
     for name, run in runs.items():
         ids = torch.tensor([run['ids']])
         with torch.no_grad():
-            logits, _ = run['model'](ids, torch.zeros_like(ids), dropless=True)  # targets: logits at every position
+            # targets: logits at every position
+            logits, _ = run['model'](ids, torch.zeros_like(ids), dropless=True)
             capacity_logits, _ = run['model'](ids, torch.zeros_like(ids))
         torch.testing.assert_close(torch.tensor(hf[name]['logits']), logits[0], rtol=0, atol=1e-5, msg=name)
         if name == 'moe_char':  # its capacity drops tokens: the export routes dropless, not as eval does
             assert (capacity_logits - logits).abs().max() > 1e-3
 
 
-def test_transformers_greedy_generate_equals_generate_with_and_without_its_cache(exported):
+def test_transformers_greedy_generate_equals_generate_with_and_without_its_cache_and_padded(exported):
     _, _, runs, hf = exported
     for name, run in runs.items():
         ids = torch.tensor([run['ids']])
         ours = run['model'].generate(ids, run['new'], top_k=1)[0].tolist()
         assert hf[name]['generated'] == {'true': ours, 'false': ours}, name
         assert len(set(ours[len(run['ids']):])) > 1, name  # the noised weights give varied tokens
+        if 'short' in run:  # left padding changes no row: the positions and the attention skip it
+            short = run['model'].generate(torch.tensor([run['short']]), run['new'], top_k=1)[0].tolist()
+            assert hf[name]['batch'] == [ours[-run['new']:], short[-run['new']:]], name
 
 
 def test_exported_tokenizers_give_this_repositorys_ids(exported):
@@ -217,7 +234,8 @@ def test_train_py_init_from_an_exported_dir_trains_on_from_its_weights(exported)
             '--max_iters=1', '--eval_interval=1', '--eval_iters=1', '--learning_rate=0', '--min_lr=0',
             '--warmup_iters=0', '--lr_decay_iters=1', '--gradient_accumulation_steps=1', '--bias_update_speed=0']
     p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), f"--init_from={runs['moe_char']['dir']}",
-                        '--out_dir=again', *args], cwd=work, capture_output=True, text=True, timeout=300)
+                        '--out_dir=again', *args], cwd=work, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     again = model_from_checkpoint(load_checkpoint(work / 'again' / 'ckpt.pt', 'cpu')).eval()
     assert asdict(again.config) == {**asdict(runs['moe_char']['model'].config), 'bias_update_speed': 0}
@@ -259,7 +277,8 @@ def test_bad_inputs_are_one_error_line_and_leave_hf_dir_as_it_was(exported, tmp_
     assert 'no checkpoint at' in error_line('export.py', tmp_path, '--out_dir=nothing', '--hf_dir=hf')
     (tmp_path / 'hf').mkdir()
     (tmp_path / 'hf' / 'mine.txt').write_text('keep')
-    assert '--overwrite=True' in error_line('export.py', work, '--out_dir=dense_char', f"--hf_dir={tmp_path / 'hf'}")
+    hf_dir = f"--hf_dir={tmp_path / 'hf'}"
+    assert '--overwrite=True' in error_line('export.py', work, '--out_dir=dense_char', hf_dir)
     (tmp_path / 'foreign').mkdir()
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / 'foreign' / 'ckpt.pt')
     assert 'not a nanoMoE checkpoint' in error_line('export.py', tmp_path, '--out_dir=foreign', '--hf_dir=new')
