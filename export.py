@@ -138,7 +138,7 @@ if os.path.isdir(hf_dir) and os.listdir(hf_dir) and not overwrite:
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 try:
     checkpoint = load_checkpoint(ckpt_path, 'cpu')
-    model = model_from_checkpoint(checkpoint, {'dropout': 0.0})
+    model = model_from_checkpoint(checkpoint)  # the run's dropout too, for a finetune in transformers
 except ValueError as e:
     sys.exit(f"error: {e}")
 except (TypeError, RuntimeError) as e:  # GPTConfig's unknown keys, load_state_dict's mismatched weights

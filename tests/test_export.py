@@ -287,3 +287,5 @@ def test_bad_inputs_are_one_error_line_and_leave_hf_dir_as_it_was(exported, tmp_
     assert 'not a GPT of this repository' in error_line('export.py', tmp_path, '--out_dir=foreign', '--hf_dir=new')
     assert os.listdir(tmp_path / 'hf') == ['mine.txt']
     assert sorted(os.listdir(tmp_path)) == ['foreign', 'hf']
+    run_script('export.py', work, '--out_dir=dense_char', hf_dir, '--overwrite=True')
+    assert sorted(os.listdir(tmp_path / 'hf')) == sorted(os.listdir(work / 'hf_dense_char'))
