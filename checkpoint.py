@@ -99,14 +99,17 @@ def exported_moe(path):
 
 def model_from_export(hf_dir, given=None):
     """ The GPT of an MoE run's export.py directory, its config.json's GPTConfig keys with the given ones as
-    model_args_with applies them, and the weights of its model.safetensors """
+    model_args_with applies them, and the weights of its safetensors """
     from safetensors.torch import load_file
     with open(os.path.join(hf_dir, 'config.json')) as f:
         hf_config = json.load(f)
     saved = {k: v for k, v in hf_config.items() if k in GPTConfig.__dataclass_fields__}
     saved['top_k'] = hf_config['num_experts_per_tok']  # transformers reserves the name top_k for sampling
     model = GPT(GPTConfig(**model_args_with(saved, given or {}, hf_dir)))
-    weights = load_file(os.path.join(hf_dir, 'model.safetensors'))
+    weights = {}
+    for name in sorted(os.listdir(hf_dir)):  # model.safetensors, or the shards save_pretrained splits a big one in
+        if name.startswith('model') and name.endswith('.safetensors'):
+            weights.update(load_file(os.path.join(hf_dir, name)))
     weights.setdefault('lm_head.weight', weights['transformer.wte.weight'])  # tied: the file holds one of them
     model.load_state_dict(weights)
     return model

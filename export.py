@@ -22,7 +22,7 @@ from tokenizer import gpt2_encoding, load_char_meta
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run to export: its ckpt.pt and run.json
 hf_dir = ''  # the directory to write
-overwrite = False  # True: replace hf_dir even if it holds files
+overwrite = False  # True: replace hf_dir if it holds an earlier export
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
@@ -133,8 +133,14 @@ if not hf_dir:
     sys.exit("error: no --hf_dir: name the directory to write, e.g. --hf_dir=hf-model")
 if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
     sys.exit(f"error: hf_dir '{hf_dir}' is a file: name a directory")
-if os.path.isdir(hf_dir) and os.listdir(hf_dir) and not overwrite:
-    sys.exit(f"error: hf_dir '{hf_dir}' is not empty: pick another --hf_dir, or --overwrite=True to replace it")
+if os.path.isdir(hf_dir) and os.listdir(hf_dir):
+    if not overwrite:
+        sys.exit(f"error: hf_dir '{hf_dir}' is not empty: pick another --hf_dir, or --overwrite=True to replace "
+                 "an earlier export")
+    # overwrite deletes the directory: only one that holds an export, never a run or anything else
+    if not os.path.exists(os.path.join(hf_dir, 'config.json')) or os.path.exists(os.path.join(hf_dir, 'ckpt.pt')):
+        sys.exit(f"error: hf_dir '{hf_dir}' is not an earlier export (it has no config.json, or a run's ckpt.pt): "
+                 "--overwrite=True replaces only an export; pick another --hf_dir")
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 try:
     checkpoint = load_checkpoint(ckpt_path, 'cpu')

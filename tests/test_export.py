@@ -13,6 +13,7 @@ spend seconds importing transformers in a subprocess of its own.
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -275,17 +276,25 @@ def test_lm_eval_acc_equals_hellaswag_acc_item_by_item(exported):
 def test_bad_inputs_are_one_error_line_and_leave_hf_dir_as_it_was(exported, tmp_path):
     work = exported[0]
     assert 'no checkpoint at' in error_line('export.py', tmp_path, '--out_dir=nothing', '--hf_dir=hf')
-    (tmp_path / 'hf').mkdir()
-    (tmp_path / 'hf' / 'mine.txt').write_text('keep')
-    hf_dir = f"--hf_dir={tmp_path / 'hf'}"
-    assert '--overwrite=True' in error_line('export.py', work, '--out_dir=dense_char', hf_dir)
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'notes.txt').write_text('keep')
+    mine = f"--hf_dir={tmp_path / 'mine'}"
+    assert '--overwrite=True' in error_line('export.py', work, '--out_dir=dense_char', mine)
+    overwrite = '--overwrite=True'
+    assert 'not an earlier export' in error_line('export.py', work, '--out_dir=dense_char', mine, overwrite)
+    # the run itself
+    assert 'not an earlier export' in error_line('export.py', work, '--out_dir=dense_char', '--hf_dir=dense_char',
+                                                 overwrite)
     (tmp_path / 'foreign').mkdir()
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / 'foreign' / 'ckpt.pt')
     assert 'not a nanoMoE checkpoint' in error_line('export.py', tmp_path, '--out_dir=foreign', '--hf_dir=new')
     torch.save({'model': torch.nn.Linear(2, 2).state_dict(), 'model_args': {'n_layer': 1}},
                tmp_path / 'foreign' / 'ckpt.pt')
     assert 'not a GPT of this repository' in error_line('export.py', tmp_path, '--out_dir=foreign', '--hf_dir=new')
-    assert os.listdir(tmp_path / 'hf') == ['mine.txt']
-    assert sorted(os.listdir(tmp_path)) == ['foreign', 'hf']
-    run_script('export.py', work, '--out_dir=dense_char', hf_dir, '--overwrite=True')
-    assert sorted(os.listdir(tmp_path / 'hf')) == sorted(os.listdir(work / 'hf_dense_char'))
+    assert os.listdir(tmp_path / 'mine') == ['notes.txt']
+    assert sorted(os.listdir(tmp_path)) == ['foreign', 'mine']
+    assert sorted(os.listdir(work / 'dense_char')) == ['ckpt.pt', 'run.json']
+    # an earlier export is replaced
+    shutil.copytree(work / 'hf_dense_char', tmp_path / 'earlier')
+    run_script('export.py', work, '--out_dir=moe_char', f"--hf_dir={tmp_path / 'earlier'}", overwrite)
+    assert sorted(os.listdir(tmp_path / 'earlier')) == sorted(os.listdir(work / 'hf_moe_char'))
