@@ -168,10 +168,14 @@ class NanoMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.transformer.wte = value
 
-    # transformers 5.x renames past_key_values to cache: take either
+    # transformers 5.x renames past_key_values to cache: take either. Other keyword arguments generate passes
+    # (cache_position, return_dict, ...) change nothing here
     def forward(self, input_ids, attention_mask=None, cache=None, past_key_values=None, use_cache=None, **kwargs):
         """ Logits (B, T, V) of input_ids (B, T). attention_mask (B, S): 0 at padding, whose keys no query sees
         and which the positions skip, so that a left-padded row computes what it does alone """
+        if kwargs.get('labels') is not None:
+            raise ValueError("this model code is for inference and computes no loss: train with nanoMoE's "
+                             "train.py --init_from=<this directory>")
         B, T = input_ids.size()
         cache = cache if cache is not None else past_key_values
         if cache is None and use_cache:  # generate asks for one
@@ -182,6 +186,9 @@ class NanoMoEForCausalLM(PreTrainedModel, GenerationMixin):
             attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
         keep = attention_mask.bool()  # (B, S)
         pos = (keep.long().cumsum(-1) - 1).clamp(min=0)  # (B, S): padding does not count
+        if pos.max() >= self.config.block_size:  # learned position embeddings: none past block_size
+            raise ValueError(f"{pos.max() + 1} positions, more than block_size={self.config.block_size}: "
+                             "shorten the input or max_new_tokens")
         query = torch.arange(past, S, device=input_ids.device)[:, None]  # (T, 1): the queries' places in S
         causal = torch.arange(S, device=input_ids.device) <= query  # (T, S)
         # a query sees the earlier non-padding keys, and itself: a padding row is never all masked (nan)
