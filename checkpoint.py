@@ -89,6 +89,33 @@ def model_from_checkpoint(checkpoint, given=None, source='the checkpoint'):
     return model
 
 
+def exported_moe(path):
+    """ whether path is a directory export.py wrote for an MoE run (a dense one is a GPT-2 directory) """
+    config_path = os.path.join(path, 'config.json')
+    if not os.path.exists(config_path):
+        return False
+    with open(config_path) as f:
+        return json.load(f).get('model_type') == 'nanomoe'
+
+
+def model_from_export(hf_dir, given=None):
+    """ The GPT of an MoE run's export.py directory, its config.json's GPTConfig keys with the given ones as
+    model_args_with applies them, and the weights of its safetensors """
+    from safetensors.torch import load_file
+    with open(os.path.join(hf_dir, 'config.json')) as f:
+        hf_config = json.load(f)
+    saved = {k: v for k, v in hf_config.items() if k in GPTConfig.__dataclass_fields__}
+    saved['top_k'] = hf_config['num_experts_per_tok']  # transformers reserves the name top_k for sampling
+    model = GPT(GPTConfig(**model_args_with(saved, given or {}, hf_dir)))
+    weights = {}
+    for name in sorted(os.listdir(hf_dir)):  # model.safetensors, or the shards save_pretrained splits a big one in
+        if name.startswith('model') and name.endswith('.safetensors'):
+            weights.update(load_file(os.path.join(hf_dir, name)))
+    weights.setdefault('lm_head.weight', weights['transformer.wte.weight'])  # tied: the file holds one of them
+    model.load_state_dict(weights)
+    return model
+
+
 def load_weights(init_from, given):
     """ A new run's model: another run's (a directory with a ckpt.pt) or GPT-2's (a name or a save_pretrained
     directory), with the given keys as model_args_with applies them; for a dense model only its dense keys, the
@@ -100,6 +127,9 @@ def load_weights(init_from, given):
         checkpoint = load_checkpoint(run_ckpt_path, 'cpu')
         dense = checkpoint['model_args'].get('n_exp', 1) == 1
         return model_from_checkpoint(checkpoint, dense_given if dense else given, init_from)
+    if exported_moe(init_from):
+        print(f"Initializing from the MoE model exported to {init_from}")
+        return model_from_export(init_from, given)
     print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
     model = GPT.from_pretrained(init_from, {k: v for k, v in given.items() if k == 'dropout'})
     model_args_with(asdict(model.config), dense_given, init_from)  # GPT-2's shape: the given keys must agree

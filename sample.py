@@ -3,6 +3,7 @@ Sample from a trained model (dense or MoE) or from OpenAI's GPT-2.
 $ python sample.py --out_dir=out-shakespeare-char          # a checkpoint written by train.py
 $ python sample.py --init_from=out-shakespeare-char        # the same, as train.py names another run
 $ python sample.py --init_from=gpt2-xl --start="FILE:prompt.txt" --num_samples=5 --max_new_tokens=100
+$ python sample.py --init_from=hf-shakespeare-char         # a directory export.py wrote, with its tokenizer
 Run it from the repository root: a character-level checkpoint decodes with
 data/<dataset>/meta.json (or meta.pkl), looked up from the current directory; others with GPT-2 BPE.
 """
@@ -14,11 +15,11 @@ import torch
 
 from model import GPT
 from machine import pick_device
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, exported_moe, model_from_export
 from tokenizer import gpt2_encoding, dataset_dir, char_meta_path, load_char_meta
 
 # -----------------------------------------------------------------------------
-# 'resume' (out_dir's ckpt.pt), a run's out_dir, a GPT-2 name ('gpt2', ...) or a save_pretrained directory
+# 'resume' (out_dir's ckpt.pt), a run's out_dir, a GPT-2 name ('gpt2', ...), an export.py or save_pretrained dir
 init_from = 'resume'
 out_dir = 'out'  # the run directory to resume from, when init_from == 'resume'
 start = "\n"  # prompt text, or "FILE:prompt.txt" to read it from a file
@@ -71,6 +72,8 @@ if init_from == 'resume' or os.path.exists(os.path.join(init_from, 'ckpt.pt')):
         sys.exit(f"error: {run_dir}/ckpt.pt names its dataset {dataset!r}, not a folder of data/: refused (its "
                  "vocabulary would be read from there). Sample checkpoints you trust")
     del checkpoint  # keep only the model in memory
+elif exported_moe(init_from):  # export.py's directory of an MoE run
+    model = model_from_export(init_from, {'dropout': 0.0})
 elif init_from.startswith('gpt2') or os.path.isdir(init_from):
     try:
         model = GPT.from_pretrained(init_from, dict(dropout=0.0))
@@ -97,9 +100,20 @@ if start.startswith('FILE:'):
 if not start:
     sys.exit("error: the prompt is empty: give --start some text, e.g. --start=ROMEO:")
 
-# tokenizer: the character-level one of the checkpoint's dataset if it has one, else GPT-2's
+# tokenizer: an exported directory's own, the character-level one of the checkpoint's dataset, else GPT-2's
 meta_path = char_meta_path(data_dir) if data_dir else None
-if meta_path is not None:
+tokenizer_path = os.path.join(init_from, 'tokenizer.json')
+if os.path.exists(tokenizer_path):
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    try:
+        tokenizer.encode(start)
+    except Exception as e:  # tokenizers raises a bare Exception, e.g. for a character not in a char-level vocab
+        sys.exit(f"error: the prompt cannot be tokenized by {tokenizer_path} ({e}): leave out what it does "
+                 "not know")
+    encode = lambda s: tokenizer.encode(s).ids
+    decode = lambda l: tokenizer.decode(l, skip_special_tokens=False)
+elif meta_path is not None:
     print(f"Loading meta from {meta_path}...")
     try:
         meta = load_char_meta(data_dir)
