@@ -17,7 +17,7 @@ from dataclasses import asdict
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from tokenizer import gpt2_encoding, load_char_meta
+from tokenizer import gpt2_encoding, dataset_dir, load_char_meta
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run to export: its ckpt.pt and run.json
@@ -157,7 +157,10 @@ if os.path.exists(run_path):
     with open(run_path) as f:
         run = json.load(f)
 dataset = checkpoint.get('config', {}).get('dataset')
-meta = load_char_meta(os.path.join('data', dataset)) if dataset else None
+try:  # a checkpoint from elsewhere names its dataset: a plain folder of data/, never a path
+    meta = load_char_meta(dataset_dir(dataset)) if dataset else None
+except ValueError as e:
+    sys.exit(f"error: {e}")
 if meta is None and model.config.vocab_size < 50257:
     sys.exit(f"error: the model has {model.config.vocab_size} tokens, fewer than GPT-2's, and there is no "
              f"character-level metadata in data/{dataset or '<dataset>'}/: run export.py from the repository "
