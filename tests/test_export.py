@@ -241,7 +241,7 @@ def test_train_py_init_from_an_exported_dir_trains_on_from_its_weights(exported)
     again = model_from_checkpoint(load_checkpoint(work / 'again' / 'ckpt.pt', 'cpu')).eval()
     assert asdict(again.config) == {**asdict(runs['moe_char']['model'].config), 'bias_update_speed': 0}
     # the dense export is GPT-2's format: train.py reads it as GPT-2's (checkpoint.load_weights), biases and all
-    dense = load_weights(runs['dense_char']['dir'], 'cpu', {}).eval()
+    dense = load_weights(runs['dense_char']['dir'], {}).eval()
     assert dense.config.bias and all((b == 0).all() for k, b in dense.state_dict().items() if k.endswith('bias'))
     for name, model in (('moe_char', again), ('dense_char', dense)):
         ids = torch.tensor([runs[name]['ids']])
