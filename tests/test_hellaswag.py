@@ -153,6 +153,18 @@ def test_two_processes_score_as_one(bpe_workdir):
 
 
 @needs_gpt2_bpe
+def test_an_eval_without_a_prepared_data_set_scores_hellaswag_alone_and_writes_nothing(bpe_workdir, tmp_path):
+    work, items, acc = bpe_workdir
+    write_items(work / hs.PATH, items)
+    (work / 'data' / 'unprepared').mkdir(exist_ok=True)  # as data/openwebtext/ before its prepare.py runs
+    out = tmp_path / 'out'
+    p = train(work, '--dataset=unprepared', '--device=cpu', '--compile=False', '--batch_size=4', '--block_size=64',
+              f'--init_from={work / "model"}', '--eval_only=True', '--hellaswag=True', f'--out_dir={out}')
+    assert f"step 0: hellaswag acc {acc:.4f}, acc_norm 1.0000" in p.stdout.splitlines()
+    assert not out.exists()  # the eval of a model that is no run in out_dir: printed only
+
+
+@needs_gpt2_bpe
 def test_missing_hellaswag_file_is_one_error_line_naming_prepare(bpe_workdir, tmp_path):
     work, _, _ = bpe_workdir
     (tmp_path / 'data').mkdir()
