@@ -18,7 +18,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND = 'python train.py config/train_shakespeare_char_moe.py'  # the quick start's training line holds this
-PROMISE = r'best val loss (\d\.\d{4}) at iteration (\d+)'  # how the quick start states its result
+PROMISE = r'best val loss\s+(\d\.\d{4})\s+at\s+iteration\s+(\d+)'  # how the quick start states its result
 
 
 def readme_quick_start(readme):
@@ -29,7 +29,10 @@ def readme_quick_start(readme):
     words = shlex.split(line.split('#')[0])
     python = words.index('python')
     env = dict(word.split('=', 1) for word in words[:python])
-    loss, iteration = re.search(PROMISE, section).groups()
+    promise = re.search(PROMISE, section)
+    if promise is None:
+        sys.exit("error: the README's quick start states no 'best val loss <x.xxxx> at iteration <n>'")
+    loss, iteration = promise.groups()
     return env, words[python + 1:], (float(loss), int(iteration))
 
 
