@@ -11,17 +11,25 @@ import re
 import sys
 import json
 import pickle
+import tempfile
 import subprocess
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 
 from model import GPT, GPTConfig, DENSE_KEYS, RUN_SETTINGS
 from parallel import whole_experts, my_optimizer_state
 
+# where and how a run runs, not what it is: a resumed run takes these from this command line and the defaults, so
+# that it goes on under another setup (another device or dtype, compiled or not, under DDP, FSDP or expert
+# parallelism; with wandb or without)
+WHERE_AND_HOW = ('init_from', 'out_dir', 'eval_only', 'device', 'dtype', 'compile', 'backend', 'fsdp', 'ep_size',
+                 'wandb_log')
+
 
 def check_run_dirs(init_from, out_dir, eval_only):
-    """ init_from names a model to start from, and out_dir can take this run: else a ValueError naming the fix """
+    """ init_from names a model to start from, and out_dir can take this run (and can be made, for a training
+    run): else a ValueError naming the fix """
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     named = init_from in ('scratch', 'resume') or init_from.startswith('gpt2') or os.path.isdir(init_from)
     if not named:
@@ -36,12 +44,43 @@ def check_run_dirs(init_from, out_dir, eval_only):
     if init_from != 'resume' and not eval_only and os.path.exists(ckpt_path):
         raise ValueError(f"out_dir '{out_dir}' holds a run's checkpoint: continue it with --init_from=resume, "
                          "or pick another --out_dir")
+    if not eval_only and not os.path.isdir(out_dir):  # made later, after the model: try now, leaving nothing
+        parent = os.path.normpath(out_dir)
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        parent = parent or '.'
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=parent))
+        except OSError as e:
+            raise ValueError(f"out_dir '{out_dir}' cannot be made in {parent} ({e.strerror}): "
+                             "pick another --out_dir")
+
+
+def saved_settings(ckpt_path, config, given):
+    """ What the run in ckpt_path goes on with: its saved config's values of the keys of config, but for
+    WHERE_AND_HOW and the keys given now (config files, --key=value), which keep config's. One line lists the
+    given keys that change a saved value, the model's aside (model_args_with lists those). A key the run did not
+    save (a checkpoint of nanoGPT, or of an older version) is not in the result """
+    saved = load_checkpoint(ckpt_path, 'cpu').get('config', {})
+    model_keys = {f.name for f in fields(GPTConfig)}
+    restored, changed = {}, []
+    for key, value in saved.items():
+        if key not in config or key in WHERE_AND_HOW:
+            continue
+        if key not in given:
+            restored[key] = value
+        elif value != config[key] and key not in model_keys:
+            changed.append(f"{key} {value} -> {config[key]}")
+    if changed:
+        print(f"given over the run's saved config: {', '.join(changed)}")
+    return restored
 
 
 def load_checkpoint(path, device):
     """ A checkpoint written by train.py (or nanoGPT, or the earlier nanoMoE): tensors and plain data only.
     torch.load with weights_only=True unpickles nothing else, so a file from elsewhere cannot run code as it
-    loads. A missing, truncated, foreign or code-carrying file is a one-line ValueError """
+    loads. A missing, truncated, foreign or code-carrying file is a
+    one-line ValueError """
     try:
         # memory-mapped: a tensor's bytes are read when used, and a process that uses a part reads that part
         checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=True)

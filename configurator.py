@@ -13,13 +13,15 @@ Stricter than nanoGPT's: a name a config file or --key=value sets that is not a 
 value of another type (an int is accepted for a float), stops the script with one line naming
 the key and the closest valid one. Helper names in a config file start with '_'; imported
 modules are ignored. On the command line a str key keeps the text of any value that is not a
-quoted string: --out_dir=2024 is '2024'. Afterwards `given_keys` names the keys that were set.
+quoted string: --out_dir=2024 is '2024'. Each config file, and the command line, prints one line of
+the keys it sets (a file's: the names it assigns); afterwards `given_keys` names them all.
 """
 import os
 import sys
 import builtins
 import types
 import difflib
+import ast
 from ast import literal_eval
 
 
@@ -35,8 +37,9 @@ def _fail(message):
 
 
 def _configure(config, argv):
-    """ set config's keys from the config files and --key=value arguments in argv; returns the keys they set """
-    given = set()
+    """ set config's keys from the config files and --key=value arguments in argv, printing a line of what each
+    file and the command line set; returns the keys they set """
+    given, set_by_command_line = set(), {}
     known = {k: v for k, v in config.items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
 
     def checked(key, value, where):
@@ -61,15 +64,18 @@ def _configure(config, argv):
                     source = f.read()
             except OSError as e:
                 _fail(f"cannot read config file '{arg}': {e.strerror}")
-            print(f"Overriding config with {arg}:")
-            print(source)
-            namespace = {k: config[k] for k in known}
-            exec(builtins.compile(source, arg, "exec"), namespace)  # train.py has a `compile` key
+            namespace, set_by_file = {k: config[k] for k in known}, {}
+            tree = ast.parse(source, arg)
+            assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            exec(builtins.compile(tree, arg, "exec"), namespace)  # train.py has a `compile` key
             for key, value in namespace.items():
-                if key.startswith('_') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
-                    continue  # helpers, imports, functions
+                if key not in assigned or key.startswith('_') or \
+                        isinstance(value, (types.ModuleType, types.FunctionType, type)):
+                    continue  # the keys it does not set, helpers, imports, functions
                 config[key] = checked(key, value, f"in {arg}")
                 given.add(key)
+                set_by_file[key] = config[key]
+            print(f"{arg} sets " + ", ".join(f"{k}={v}" for k, v in set_by_file.items()))
         else:
             # assume it's a --key=value argument
             if not arg.startswith('--'):
@@ -83,7 +89,9 @@ def _configure(config, argv):
                 value = val  # the text, not str(value): --out_dir=1e3 stays '1e3', not '1000.0'
             config[key] = checked(key, value, "on the command line")
             given.add(key)
-            print(f"Overriding: {key} = {config[key]}")
+            set_by_command_line[key] = config[key]
+    if set_by_command_line:
+        print("the command line sets " + ", ".join(f"{k}={v}" for k, v in set_by_command_line.items()))
     return given
 
 

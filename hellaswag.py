@@ -105,7 +105,7 @@ def evaluate(model, data, batch_size, device, autocast, rank=0, world_size=1):
 
 
 def line(scores):
-    """ evaluate's scores as the end of train.py's eval line; '' for none """
+    """ evaluate's scores as a part of train.py's eval line; [] for none """
     if not scores:
-        return ""
-    return f", hellaswag acc {scores['hellaswag_acc']:.4f}, acc_norm {scores['hellaswag_acc_norm']:.4f}"
+        return []
+    return [f"hellaswag acc {scores['hellaswag_acc']:.4f}, acc_norm {scores['hellaswag_acc_norm']:.4f}"]

@@ -30,11 +30,12 @@ from model import GPTConfig, GPT, DENSE_KEYS, use_grouped_mm
 from machine import gpu_peak_flops, pick_device
 from parallel import (parallel_setup_problem, split_experts, materialize, ddp_ignore_experts,
                       reduce_expert_grads, clip_grad_norm_, say_error_once)
-from checkpoint import (check_run_dirs, start_model, load_optimizer_state, save_checkpoint, trim_log,
-                        write_run_record)
+from checkpoint import (check_run_dirs, saved_settings, start_model, load_optimizer_state, save_checkpoint,
+                        trim_log, write_run_record)
 from manager import MANAGER
 from tokenizer import dataset_dir, char_meta_path, load_char_meta
 import hellaswag as hs
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # default config values designed to train a gpt2 (124M) on OpenWebText
@@ -157,6 +158,9 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 # validate the config, the data and out_dir before any work: one line naming the problem and the fix
 try:
     check_run_dirs(init_from, out_dir, eval_only)
+    if init_from == 'resume':  # the run goes on as it was set up, but for what is given now
+        config.update(saved := saved_settings(ckpt_path, config, given_keys))
+        globals().update(saved)
     data_dir = dataset_dir(dataset)
     meta = load_char_meta(data_dir)  # None: GPT-2's BPE
 except ValueError as e:
@@ -183,13 +187,16 @@ if not os.path.isdir(data_dir):
         if os.path.isdir('data') else []
     fail(f"no dataset '{dataset}' in data/ (it has {', '.join(names)}): pick one, or prepare yours into data/{dataset}/"
          if names else f"there is no data/ directory in {os.getcwd()}: run train.py from the repository root")
+# an eval evaluates the splits there are: with hellaswag=True and no data set prepared, HellaSwag alone
+splits = [s for s in ('train', 'val') if os.path.exists(os.path.join(data_dir, f'{s}.bin'))]
 for split in ('train', 'val'):
     path = os.path.join(data_dir, f'{split}.bin')
-    if not os.path.exists(path):
+    if split not in splits and not (eval_only and (splits or hellaswag)):
         prepare = f"data/{dataset}/prepare.py" if os.path.exists(f'{data_dir}/prepare.py') else \
             f"data/openwebtext/prepare.py --input=<your documents> --out_dir={data_dir}"
         fail(f"{path} not found: run python {prepare} first")
-    if split == 'val' and os.path.getsize(path) // 2 < 10_000:  # a noisy val loss, that overfits to them
+    # too few val tokens: a noisy val loss, that overfits to them
+    if split == 'val' and split in splits and os.path.getsize(path) // 2 < 10_000:
         print(f"warning: {path} holds only {os.path.getsize(path) // 2:,} tokens, too few for a steady val "
               "loss: prepare more data, to hold 10,000 or more")
 if decay_lr and not eval_only and warmup_iters >= max_iters:
@@ -210,6 +217,7 @@ except ValueError as e:
     fail(e)
 
 # various inits, derived attributes, I/O setup
+t_start = time.time()  # for the closing line's time in all: setup, steps, evals and saves of this process
 if ddp:
     # on CUDA gloo beside NCCL: the expert-parallel checkpoint gathers through host memory (parallel.whole_experts)
     init_process_group(backend=backend or ('cpu:gloo,cuda:nccl' if device_type == 'cuda' else 'gloo'))
@@ -260,7 +268,7 @@ if cfg.n_exp == 1:
     for key, default in moe_defaults.items():
         if key in given and config[key] != default:
             print(f"warning: {key}={config[key]} has no effect with n_exp=1 (a dense model)")
-for split in ('train', 'val'):
+for split in splits:
     path = os.path.join(data_dir, f'{split}.bin')
     if os.path.getsize(path) // 2 < block_size + 1:
         fail(f"{path} has {os.path.getsize(path) // 2} tokens, fewer than block_size + 1 = {block_size + 1}: "
@@ -319,9 +327,10 @@ def estimate_loss():
     out = {}
     eval_model = model.module if isinstance(model, DDP) else model
     eval_model.eval()  # eval mode: CE alone, eval capacity, no dropout or router noise
-    for split in ['train', 'val']:
+    for split in splits:
         losses = torch.zeros(eval_iters, device=device)
-        for k in range(ddp_rank, math.ceil(eval_iters / ddp_world_size) * ddp_world_size, ddp_world_size):
+        batches = range(ddp_rank, math.ceil(eval_iters / ddp_world_size) * ddp_world_size, ddp_world_size)
+        for k in tqdm(batches, desc=f"eval {split}", leave=False, disable=not master_process, delay=5):
             X, Y = get_batch(split, iter_num, min(k, eval_iters - 1))
             with ctx:
                 logits, loss = eval_model(X, Y)
@@ -393,15 +402,15 @@ def step_line(r):
 
 # a record of the run next to its log (config, versions, commit), and the log
 if master_process:
-    os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, 'log.jsonl')
     if not eval_only:  # an eval leaves the run in out_dir, if any, as it is
+        os.makedirs(out_dir, exist_ok=True)
         write_run_record(out_dir, config=config, model_args=model_args, world_size=ddp_world_size, device=device,
                          dtype=dtype)
         trim_log(log_path, iter_num)
     # line-buffered: every record is on disk when written. A log holds one run's records: the eval of another model
     # than the run in out_dir is printed only
-    log_file = open(log_path, 'a', buffering=1) if init_from == 'resume' or not os.path.exists(ckpt_path) else None
+    log_file = open(log_path, 'a', buffering=1) if init_from == 'resume' or not eval_only else None
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
@@ -427,17 +436,16 @@ while True:
             torch.cuda.synchronize()  # the last step's queued work belongs to its dt, not to the eval
         t_eval = time.time()
         losses = estimate_loss()
-        stop_if_not_finite([losses['train'], losses['val']], f"eval loss is {losses} at iter {iter_num}")
+        stop_if_not_finite([losses[s] for s in splits], f"eval loss is {losses} at iter {iter_num}")
         if master_process:
             scores = {k: v for k, v in losses.items() if k.startswith('hellaswag')}  # {} unless hellaswag
-            line = f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-            log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr, train_s=train_s,
-                     **scores), line + hs.line(scores),
-                {"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr,
-                 "mfu": running_mfu * 100, **scores})
-        if losses['val'] < best_val_loss or always_save_checkpoint:
+            line = ", ".join([f"{s} loss {losses[s]:.4f}" for s in splits] + hs.line(scores))
+            log(dict(iter=iter_num, **{f'{s}_loss': losses[s] for s in splits}, lr=lr, train_s=train_s, **scores),
+                f"step {iter_num}: {line}", {"iter": iter_num, **{f"{s}/loss": losses[s] for s in splits}, "lr": lr,
+                                            "mfu": running_mfu * 100, **scores})
+        if not eval_only and (losses['val'] < best_val_loss or always_save_checkpoint):
             best_val_loss = min(best_val_loss, losses['val'])
-            if iter_num > 0 and not eval_only:
+            if iter_num > 0:
                 save_checkpoint(ckpt_path, raw_model, optimizer, scaler, fsdp, model_args=model_args,
                                 iter_num=iter_num, best_val_loss=best_val_loss, train_s=train_s, config=config)
                 saved_iter = iter_num
@@ -516,7 +524,8 @@ while True:
 
 if master_process:
     if not eval_only:
-        print(f"best val loss {best_val_loss:.4f}; {checkpoint_status()}")
+        print(f"best val loss {best_val_loss:.4f}; {checkpoint_status()}; {train_s:.0f} s of training steps, "
+              f"{time.time() - t_start:.0f} s in all")
     if wandb_log:
         wandb.finish()
 if ddp:

@@ -36,6 +36,18 @@ def test_overrides_from_file_then_command_line(tmp_path):
     assert values == (8, 1.0, False, 'cpu', 12)
 
 
+def test_each_config_file_and_the_command_line_print_one_line_of_the_keys_they_set(tmp_path):
+    (tmp_path / 'cfg.py').write_text("# a comment\nbatch_size = 32\n_helper = 3\nn_exp = 4 * _helper\n")
+    script = tmp_path / 'script.py'
+    script.write_text(SCRIPT.format(configurator=os.path.join(ROOT, 'configurator.py')) +
+                      "print(sorted(given_keys))\n")
+    p = subprocess.run([sys.executable, str(script), 'cfg.py', '--device=cpu', '--compile=False'],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.stdout.splitlines()[:2] == ["cfg.py sets batch_size=32, n_exp=12",
+                                         "the command line sets device=cpu, compile=False"]
+    assert p.stdout.splitlines()[-1] == "['batch_size', 'compile', 'device', 'n_exp']"  # learning_rate not given
+
+
 @pytest.mark.parametrize('args,message', [
     (['--n_expp=8'], "error: unknown config key 'n_expp' on the command line (did you mean 'n_exp'?)"),
     (['--n_exp=2.5'], "error: config key 'n_exp' on the command line must be int, got float 2.5"),

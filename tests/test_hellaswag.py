@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import ROOT, TORCHRUN, TINY, TIKTOKEN_CACHE, needs_gpt2_bpe, train, logged
+from conftest import ROOT, TORCHRUN, TINY, TIKTOKEN_CACHE, needs_gpt2_bpe, train
 import hellaswag as hs
 from model import GPT, GPTConfig
 from tokenizer import gpt2_encoding
@@ -141,15 +141,27 @@ def bpe_workdir(tmp_path_factory):
 @needs_gpt2_bpe
 def test_two_processes_score_as_one(bpe_workdir):
     """ train.py eval_only under torchrun with FSDP, 3 items, 1 a forward: rank 1 runs a last forward past the
-    items. It logs the acc and acc_norm of one process's hand computation """
+    items. It prints the acc and acc_norm of one process's hand computation """
     work, items, acc = bpe_workdir
     write_items(work / hs.PATH, items)
     out = work / 'out'
     p = train(work, '--dataset=bpe', '--device=cpu', '--compile=False', '--eval_iters=2', '--batch_size=4',
               '--block_size=64', f'--init_from={work / "model"}', '--eval_only=True', '--hellaswag=True',
               f'--out_dir={out}', '--fsdp=True', launcher=TORCHRUN)
-    assert f"hellaswag acc {acc:.4f}, acc_norm 1.0000" in p.stdout
-    assert logged(out, 'hellaswag_acc') == [(0, acc)] and logged(out, 'hellaswag_acc_norm') == [(0, 1.0)]
+    assert "step 0: train loss " in p.stdout and f", hellaswag acc {acc:.4f}, acc_norm 1.0000" in p.stdout
+    assert not out.exists()  # the eval of a model that is no run in out_dir: printed only
+
+
+@needs_gpt2_bpe
+def test_an_eval_without_a_prepared_data_set_scores_hellaswag_alone_and_writes_nothing(bpe_workdir, tmp_path):
+    work, items, acc = bpe_workdir
+    write_items(work / hs.PATH, items)
+    (work / 'data' / 'unprepared').mkdir(exist_ok=True)  # as data/openwebtext/ before its prepare.py runs
+    out = tmp_path / 'out'
+    p = train(work, '--dataset=unprepared', '--device=cpu', '--compile=False', '--batch_size=4', '--block_size=64',
+              f'--init_from={work / "model"}', '--eval_only=True', '--hellaswag=True', f'--out_dir={out}')
+    assert f"step 0: hellaswag acc {acc:.4f}, acc_norm 1.0000" in p.stdout.splitlines()
+    assert not out.exists()  # the eval of a model that is no run in out_dir: printed only
 
 
 @needs_gpt2_bpe

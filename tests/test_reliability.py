@@ -69,6 +69,10 @@ def fails_with(cwd, args, message, launcher_code=None):
     (['--eval_iters=0'], "error: eval_iters=0 must be >= 1"),
     (['--seed=-1'], "error: seed=-1 must be >= 0 (numpy seeds the batches with it)"),
     (['--dtype=fp16'], "error: dtype='fp16' is not one of float32, bfloat16, float16 ('' picks one for the device)"),
+    (['--out_dir=data/short/train.bin/out'], "error: out_dir 'data/short/train.bin/out' cannot be made in "
+                                             "data/short/train.bin (Not a directory): pick another --out_dir"),
+    (['--out_dir=/proc/out'], "error: out_dir '/proc/out' cannot be made in /proc (No such file or directory): "
+                              "pick another --out_dir"),
 ])
 def test_bad_config_or_data_stops_before_any_work(workdir, args, message):
     make_dataset(workdir, 'short', 20, 65)
@@ -272,6 +276,9 @@ def test_resume_trains_with_a_changed_aux_loss_weight_and_records_it(workdir, tr
     p = train(workdir, *TINY, f'--out_dir={out}', '--init_from=resume', '--aux_loss_weight=1000.0', '--max_iters=5',
               '--eval_interval=5')
     assert "run settings given over the checkpoint's: aux_loss_weight 0.01 -> 1000.0" in p.stdout
+    # the saved config's other keys: the given ones listed once, the 4 iterations extended to 5
+    assert p.stdout.count("given over the run's saved config: ") == 1
+    assert "given over the run's saved config: eval_interval 4 -> 5, max_iters 4 -> 5\n" in p.stdout
     # CE (about 4) + 1000 * aux, aux about 1 at any routing: the loss that trained is the new one
     step_5 = next(r for r in map(json.loads, open(out / 'log.jsonl')) if r['iter'] == 5 and 'loss' in r)
     assert step_5['loss'] > 500
@@ -405,7 +412,7 @@ def test_a_schedule_that_never_leaves_warmup_or_decays_elsewhere_and_a_tiny_val_
 def test_the_readme_quick_start_warns_of_nothing(workdir):
     readme = open(os.path.join(ROOT, 'README.md')).read()
     command = next(line for line in readme.splitlines()
-                   if line.startswith('python train.py config/train_shakespeare_char_moe.py'))
-    argv = command.split()[2:]
+                   if 'python train.py config/train_shakespeare_char_moe.py' in line)
+    argv = command.split('python ')[1].split()[1:]
     argv[0] = os.path.join(ROOT, argv[0])
     assert 'warning' not in setup_output(workdir, argv)

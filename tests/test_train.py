@@ -4,6 +4,7 @@ Runs that several tests read are module fixtures: one run, an assertion per test
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -80,7 +81,8 @@ def test_run_says_once_what_it_runs_and_at_the_end_where_its_best_model_is(moe_r
              f"128 tokens per iteration, out_dir {out}")  # 1 step x 4 sequences x 32 tokens
     assert p.stdout.splitlines().count(start) == 1
     best = min(v for _, v in logged(out, 'val_loss'))
-    assert p.stdout.splitlines()[-1] == f"best val loss {best:.4f}; {out / 'ckpt.pt'} holds iter 40"
+    last = f"best val loss {best:.4f}; {out / 'ckpt.pt'} holds iter 40; " + r"\d+ s of training steps, \d+ s in all"
+    assert re.fullmatch(last, p.stdout.splitlines()[-1]), p.stdout.splitlines()[-1]
 
 
 def test_train_seconds_add_up_the_steps_and_leave_evals_out(moe_run):
@@ -114,8 +116,9 @@ def test_eval_only_on_a_run_resumed_between_evals_evaluates_and_changes_nothing(
     for name in ('ckpt.pt', 'run.json'):
         (evaluated / name).write_bytes((out / name).read_bytes())
     # iteration 40 is no multiple of eval_interval=7: eval_only must still evaluate, and then stop
-    p = train(workdir, *TINY, f'--out_dir={evaluated}', '--init_from=resume', '--eval_only=True',
-              '--eval_interval=7', '--max_iters=60')
+    # the run's own settings: the same data set, batches and model on the command line's device
+    p = train(workdir, f'--out_dir={evaluated}', '--init_from=resume', '--eval_only=True', '--eval_interval=7',
+              '--max_iters=60')
     records = [json.loads(line) for line in open(evaluated / 'log.jsonl')]
     assert [r['iter'] for r in records] == [40] and 'val_loss' in records[0]  # one eval, no training step
     # the weights the run evaluated at iteration 40 and the same batches: the same loss
@@ -154,21 +157,48 @@ def test_step_times_leave_out_an_eval_that_takes_an_hour(workdir):
     assert max(t for _, t in logged(out, 'train_s')) < 1.0
 
 
+SECONDS_PER_READING = """
+import os, sys, time, runpy
+clock = [0.0]
+def fake_time():  # every reading of the clock a second after the last: a loop of a few steps takes seconds
+    clock[0] += 1.0
+    return clock[0]
+time.time = fake_time
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_an_eval_that_takes_seconds_shows_a_progress_bar_and_a_quick_one_does_not(workdir, moe_run):
+    p = train(workdir, *TINY, '--eval_only=True', '--eval_iters=12', f'--out_dir={workdir / "out-slow-eval"}',
+              launcher=[sys.executable, '-c', SECONDS_PER_READING])
+    assert 'eval train: ' in p.stderr and 'eval val: ' in p.stderr, p.stderr
+    assert 'eval train' not in moe_run[1].stderr
+
+
 # dropout and router noise on: every random draw must replay
 RESUMED = [*TINY, *MOE, '--use_noisy_top_k=True', '--dropout=0.1', '--gradient_accumulation_steps=2',
-           '--eval_interval=8', '--always_save_checkpoint=True']
+           '--eval_interval=8', '--always_save_checkpoint=True', '--max_iters=16']
 
 
 @pytest.fixture(scope='module')
 def resumed_run(workdir):
-    """ 16 iterations in one run, and in two: 8, then a resume to 16 that finds a log record cut
-    short by a crash """
+    """ 16 iterations in one run, and in two: a run set up by a config file and the command line, stopped by
+    Ctrl-C as it saves iteration 8, then `--init_from=resume --out_dir=` alone as its Ctrl-C line says, which
+    finds a log record cut short by a crash """
     straight, split = workdir / 'out-straight', workdir / 'out-split'
-    train(workdir, *RESUMED, f'--out_dir={straight}', '--max_iters=16')
-    train(workdir, *RESUMED, f'--out_dir={split}', '--max_iters=8')
+    train(workdir, *RESUMED, f'--out_dir={straight}')
+    config = workdir / 'resumed_config.py'
+    config.write_text(''.join(f"{k} = {v if v[0].isdigit() or v in ('True', 'False') else repr(v)}\n"
+                              for k, v in (a[2:].split('=') for a in RESUMED[:-4])))
+    p = train(workdir, str(config), *RESUMED[-4:], f'--out_dir={split}', check=False,
+              launcher=[sys.executable, '-c', CTRL_C_AFTER_THE_RENAME])
+    resume = f"--init_from=resume --out_dir={split}"
+    assert p.returncode == 130 and p.stdout.splitlines()[-1].endswith(f"continue with {resume}"), p.stdout
     with open(split / 'log.jsonl', 'a') as f:
         f.write('{"iter": 9, "lo')  # a record cut short by a crash mid-write
-    p = train(workdir, *RESUMED, f'--out_dir={split}', '--max_iters=16', '--init_from=resume')
+    p = train(workdir, *resume.split())
     return straight, split, p
 
 
@@ -192,7 +222,7 @@ def test_resume_log_reads_as_one_runs_without_records_past_the_checkpoint(resume
 
 def test_plain_resume_changes_no_run_setting(resumed_run):
     _, split, p = resumed_run
-    assert 'run settings given over' not in p.stdout
+    assert 'given over' not in p.stdout
     assert torch.load(split / 'ckpt.pt', weights_only=True)['iter_num'] == 16
 
 
@@ -259,7 +289,7 @@ def test_ddp_two_processes_match_one_process(workdir):
     ddp, single = workdir / 'out-ddp', workdir / 'out-single'
     p = train(workdir, *args, f'--out_dir={ddp}', launcher=TORCHRUN)
     assert p.stdout.count('saving checkpoint') == 1  # only rank 0 writes
-    for line in ('Overriding: max_iters = 3', 'found vocab_size', 'Initializing a new model', 'fused AdamW'):
+    for line in ('the command line sets ', 'found vocab_size', 'Initializing a new model', 'fused AdamW'):
         assert p.stdout.count(line) == 1, line  # and prints
     assert 'Warning' not in p.stderr, p.stderr
     train(workdir, *args, f'--out_dir={single}')
