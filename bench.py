@@ -6,7 +6,7 @@ $ python bench.py --mode=layer --device=cpu --compile=False --batch_size=8 --blo
 $ python bench.py --mode=step --device=cpu --compile=False --real_data=False --vocab_size=65 --batch_size=12 \
     --block_size=64 --n_layer=4 --n_head=4 --n_embd=128
     # a whole training step (forward, backward, AdamW) of the MoE model against the dense model of the same
-    # shape and the dense model of the same FLOPs; --profile=True adds each op's time per step, MoE against dense-eq
+    # shape and the dense model of the same FLOPs; --profile=True adds each op's time per step (MoE, dense-eq)
 $ OMP_NUM_THREADS=1 python bench.py --mode=sample --device=cpu --compile=False --dtype=float32 --vocab_size=65 \
     --batch_size=1 --block_size=256 --n_layer=6 --n_head=6 --n_embd=384 --num_steps=3
     # greedy generate (key/value cache) against nanoGPT's loop that recomputes the whole context, dense and MoE
@@ -295,7 +295,7 @@ elif mode == 'step':
                            for e in prof.key_averages()}
         ops = sorted(op_ms['dense-eq'].keys() | op_ms['moe'].keys(),
                      key=lambda op: -abs(op_ms['moe'].get(op, (0, 0))[0] - op_ms['dense-eq'].get(op, (0, 0))[0]))
-        print(f"CPU time per op and step (ms, calls), {torch.get_num_threads()} threads, largest differences first:")
+        print(f"CPU time per op and step (ms, calls), {torch.get_num_threads()} threads, largest differences first")
         print(f"{'op':>40} {'dense-eq':>14} {'moe':>14}")
         for op in ops[:20]:
             (d_ms, d_n), (m_ms, m_n) = op_ms['dense-eq'].get(op, (0, 0)), op_ms['moe'].get(op, (0, 0))
