@@ -206,16 +206,17 @@ def experts_elsewhere(experts, x, group):
 
 
 def use_grouped_mm(device, dtype, compiling, sizes):
-    """ The experts' layout: one grouped matmul over the k*N assignments (F.grouped_mm), or a batched
-    matmul over E*cap padded slots. Grouped where torch has a kernel for it: CPU eager, and bf16 on sm90 and
-    sm100 GPUs (Hopper, Blackwell: torch's CUTLASS path; other GPUs get a loop of matmuls, and tracing
-    accepts bf16 only). Its operands' rows must be multiples of 16 bytes: `sizes` are the row lengths, C and H. """
+    """ The experts' layout: one grouped matmul over the k*N assignments (F.grouped_mm), or a batched matmul over
+    E*cap padded slots. Grouped where torch's kernel pays: bf16 on sm90 and sm100 GPUs (CUTLASS; other GPUs loop
+    over matmuls, tracing takes bf16 only) and CPU eager on one thread (on more, the batched matmul runs whole
+    experts side by side, where the grouped one splits each expert's small matmuls over all threads). Operand
+    rows must be multiples of 16 bytes: `sizes` are the row lengths, C and H. """
     if any(size * dtype.itemsize % 16 for size in sizes):
         return False
     if device.type == 'cuda':
         props = torch.cuda.get_device_properties(device)  # torch.compile folds this to a constant
         return dtype == torch.bfloat16 and props.major in (9, 10)
-    return device.type == 'cpu' and not compiling
+    return device.type == 'cpu' and not compiling and torch.get_num_threads() == 1
 
 
 class MOELayer(nn.Module):
@@ -251,7 +252,7 @@ class MOELayer(nn.Module):
 
     def forward(self, x, dropless=False):
         B, T, C = x.size()
-        N, E, k = B * T, self.n_exp, self.top_k
+        N, E, k, H = B * T, self.n_exp, self.top_k, self.experts.c_fc.size(-1)
         x = x.view(N, C)
 
         # routing
@@ -262,10 +263,8 @@ class MOELayer(nn.Module):
         # assignments with all first choices, in token order, before any second choice: the order its slots
         # fill in. Its first cap are kept, the rest dropped (Switch §2.2).
         sorted_expert, sorted_assignment = torch.sort(topk_idx.t().reshape(-1), stable=True)  # (k*N,), (k*N,)
-        # where expert e's assignments end in sorted_assignment, and where they start
-        expert_end = torch.cumsum(tokens_per_expert, 0)  # (E,)
-        expert_start = expert_end - tokens_per_expert  # (E,)
-        H = self.experts.c_fc.size(-1)
+        expert_end = torch.cumsum(tokens_per_expert, 0)  # (E,) where e's assignments end in sorted_assignment
+        expert_start = expert_end - tokens_per_expert  # (E,) and where they start
         # expert parallelism sends the padded layout, whose splits are equal (experts_elsewhere)
         compiling = torch.compiler.is_compiling()
         if self.ep_group is None and use_grouped_mm(x.device, _compute_dtype(x), compiling, (C, H)):
@@ -277,6 +276,8 @@ class MOELayer(nn.Module):
         else:
             # R = E*cap rows, cap slots per expert: slot s of expert e holds e's s-th assignment, if e kept it
             offs = None
+            if self.ep_group is None and x.device.type == 'cpu' and not compiling:  # a host read is free on CPU
+                cap = min(cap, int(tokens_per_expert.max()))  # no slot past the fullest expert's last assignment
             row = torch.arange(E * cap, device=x.device)  # (R,)
             row_expert, slot = row // cap, row % cap  # (R,), (R,)
             row_kept = slot < tokens_per_expert[row_expert]  # (R,)
