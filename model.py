@@ -206,17 +206,16 @@ def experts_elsewhere(experts, x, group):
 
 
 def use_grouped_mm(device, dtype, compiling, sizes):
-    """ The experts' layout: one grouped matmul over the k*N assignments (F.grouped_mm), or a batched matmul over
-    E*cap padded slots. Grouped where torch's kernel pays: bf16 on sm90 and sm100 GPUs (CUTLASS; other GPUs loop
-    over matmuls, tracing takes bf16 only) and CPU eager on one thread (on more, the batched matmul runs whole
-    experts side by side, where the grouped one splits each expert's small matmuls over all threads). Operand
-    rows must be multiples of 16 bytes: `sizes` are the row lengths, C and H. """
+    """ The experts' layout: one grouped matmul over the k*N assignments (F.grouped_mm), or a batched
+    matmul over E*cap padded slots. Grouped where torch has a kernel for it: CPU eager, and bf16 on sm90 and
+    sm100 GPUs (Hopper, Blackwell: torch's CUTLASS path; other GPUs get a loop of matmuls, and tracing
+    accepts bf16 only). Its operands' rows must be multiples of 16 bytes: `sizes` are the row lengths, C and H. """
     if any(size * dtype.itemsize % 16 for size in sizes):
         return False
     if device.type == 'cuda':
         props = torch.cuda.get_device_properties(device)  # torch.compile folds this to a constant
         return dtype == torch.bfloat16 and props.major in (9, 10)
-    return device.type == 'cpu' and not compiling and torch.get_num_threads() == 1
+    return device.type == 'cpu' and not compiling
 
 
 class MOELayer(nn.Module):

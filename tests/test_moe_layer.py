@@ -380,9 +380,3 @@ def test_grouped_matmul_on_cuda_only_for_bf16_on_sm90_and_sm100(monkeypatch, maj
     from types import SimpleNamespace
     monkeypatch.setattr(torch.cuda, 'get_device_properties', lambda device: SimpleNamespace(major=major, minor=0))
     assert model.use_grouped_mm(torch.device('cuda'), dtype, False, (384, 1536)) is expected
-
-
-def test_cpu_runs_the_padded_batched_matmul_on_more_than_one_thread(monkeypatch):
-    # the batched matmul runs whole experts side by side; the grouped one splits each over the threads
-    monkeypatch.setattr(torch, 'get_num_threads', lambda: 2)
-    assert not model.use_grouped_mm(torch.device('cpu'), torch.float32, False, (32, 128))
