@@ -6,7 +6,7 @@ $ python bench.py --mode=layer --device=cpu --compile=False --batch_size=8 --blo
 $ python bench.py --mode=step --device=cpu --compile=False --real_data=False --vocab_size=65 --batch_size=12 \
     --block_size=64 --n_layer=4 --n_head=4 --n_embd=128
     # a whole training step (forward, backward, AdamW) of the MoE model against the dense model of the same
-    # shape and the dense model of the same FLOPs
+    # shape and the dense model of the same FLOPs; --profile=True adds each op's time per step (MoE, dense-eq)
 $ OMP_NUM_THREADS=1 python bench.py --mode=sample --device=cpu --compile=False --dtype=float32 --vocab_size=65 \
     --batch_size=1 --block_size=256 --n_layer=6 --n_head=6 --n_embd=384 --num_steps=3
     # greedy generate (key/value cache) against nanoGPT's loop that recomputes the whole context, dense and MoE
@@ -45,7 +45,7 @@ seed = 1337
 device = ''  # '' picks cuda if there, else mps, else cpu. Or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = ''  # '' picks bfloat16 where CUDA supports it, else float16 on CUDA, float32 elsewhere
 compile = torch.cuda.is_available()  # torch.compile what is timed (pays off on CUDA)
-profile = False  # mode='model': write a torch.profiler trace to ./bench_log instead of timing
+profile = False  # 'model': write a torch.profiler trace to ./bench_log; 'step': also print the step's time per op
 num_steps = 20  # timed steps, after 10 to warm up
 prompt_len = 16  # mode='sample': prompt tokens per sequence
 max_new_tokens = 200  # mode='sample': tokens generated per sequence
@@ -70,8 +70,8 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 
 if mode not in ('model', 'layer', 'step', 'sample'):
     sys.exit(f"error: mode='{mode}' is not 'model', 'layer', 'step' or 'sample'")
-if profile and mode != 'model':
-    sys.exit(f"error: profile=True profiles mode='model' only, not mode='{mode}'")
+if profile and mode not in ('model', 'step'):
+    sys.exit(f"error: profile=True profiles mode='model' or 'step', not mode='{mode}'")
 if mode != 'model' and n_exp < 2:
     sys.exit(f"error: mode='{mode}' measures an MoE model: set --n_exp to 2 or more")
 if mode == 'sample' and not (1 <= prompt_len <= block_size and max_new_tokens >= 1):
@@ -285,6 +285,25 @@ elif mode == 'step':
               f"{flops[name] / 1e9:.2f} GFLOP/step")
     print(f"moe/dense: time {dt['moe'] / dt['dense']:.3f}x, FLOPs {flops['moe'] / flops['dense']:.3f}x; "
           f"moe/dense-eq: time {dt['moe'] / dt['dense-eq']:.3f}x, FLOPs {flops['moe'] / flops['dense-eq']:.3f}x")
+    if profile:
+        # where the MoE step's time beyond dense-eq's goes: each op's own time (children excluded), ms per step
+        op_ms = {}
+        for name in ('dense-eq', 'moe'):
+            _, model, optimizer = models[name]
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(num_steps):
+                    train_step(model, optimizer, *get_batch())
+            op_ms[name] = {e.key: (e.self_cpu_time_total / 1e3 / num_steps, e.count // num_steps)
+                           for e in prof.key_averages()}
+        ops = sorted(op_ms['dense-eq'].keys() | op_ms['moe'].keys(),
+                     key=lambda op: -abs(op_ms['moe'].get(op, (0, 0))[0] - op_ms['dense-eq'].get(op, (0, 0))[0]))
+        print(f"CPU time per op and step (ms, calls), {torch.get_num_threads()} threads, largest differences first")
+        print(f"{'op':>40} {'dense-eq':>14} {'moe':>14}")
+        for op in ops[:20]:
+            (d_ms, d_n), (m_ms, m_n) = op_ms['dense-eq'].get(op, (0, 0)), op_ms['moe'].get(op, (0, 0))
+            print(f"{op[:40]:>40} {d_ms:8.2f} ({d_n:3d}) {m_ms:8.2f} ({m_n:3d})")
+        total = {name: sum(ms for ms, _ in op_ms[name].values()) for name in op_ms}
+        print(f"{'all ops':>40} {total['dense-eq']:8.2f}       {total['moe']:8.2f}")
 
 elif mode == 'sample':
     # eval_capacity 0: model(idx) routes dropless, as generate does, so both compute the same tokens

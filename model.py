@@ -251,7 +251,7 @@ class MOELayer(nn.Module):
 
     def forward(self, x, dropless=False):
         B, T, C = x.size()
-        N, E, k = B * T, self.n_exp, self.top_k
+        N, E, k, H = B * T, self.n_exp, self.top_k, self.experts.c_fc.size(-1)
         x = x.view(N, C)
 
         # routing
@@ -262,10 +262,8 @@ class MOELayer(nn.Module):
         # assignments with all first choices, in token order, before any second choice: the order its slots
         # fill in. Its first cap are kept, the rest dropped (Switch §2.2).
         sorted_expert, sorted_assignment = torch.sort(topk_idx.t().reshape(-1), stable=True)  # (k*N,), (k*N,)
-        # where expert e's assignments end in sorted_assignment, and where they start
-        expert_end = torch.cumsum(tokens_per_expert, 0)  # (E,)
-        expert_start = expert_end - tokens_per_expert  # (E,)
-        H = self.experts.c_fc.size(-1)
+        expert_end = torch.cumsum(tokens_per_expert, 0)  # (E,) where e's assignments end in sorted_assignment
+        expert_start = expert_end - tokens_per_expert  # (E,) and where they start
         # expert parallelism sends the padded layout, whose splits are equal (experts_elsewhere)
         compiling = torch.compiler.is_compiling()
         if self.ep_group is None and use_grouped_mm(x.device, _compute_dtype(x), compiling, (C, H)):
@@ -277,6 +275,8 @@ class MOELayer(nn.Module):
         else:
             # R = E*cap rows, cap slots per expert: slot s of expert e holds e's s-th assignment, if e kept it
             offs = None
+            if self.ep_group is None and x.device.type == 'cpu' and not compiling:  # a host read is free on CPU
+                cap = min(cap, int(tokens_per_expert.max()))  # no slot past the fullest expert's last assignment
             row = torch.arange(E * cap, device=x.device)  # (R,)
             row_expert, slot = row // cap, row % cap  # (R,), (R,)
             row_kept = slot < tokens_per_expert[row_expert]  # (R,)

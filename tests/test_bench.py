@@ -65,9 +65,11 @@ def test_layer_mode_times_each_formulation_and_ours_grows_linearly_in_memory_unl
     assert onehot2 / onehot1 > 3.0  # its (N, E, cap) tensors: about four times
 
 
-def test_step_mode_times_moe_against_dense_and_flop_equivalent_dense():
-    code, out, err = bench('--mode=step')
+def test_step_mode_times_moe_against_dense_and_flop_equivalent_dense_and_profiles_both_per_op():
+    code, out, err = bench('--mode=step', '--profile=True')
     assert code == 0, err
+    assert err == ''
+    assert re.search(r"^ +aten::mm +[\d.]+ \( *\d+\) +[\d.]+ \( *\d+\)$", out, re.M), out
     for name in ('dense', 'dense-eq', 'moe'):
         assert re.search(rf"^ *{name}: +[\d.]+ ms/step, +[\d,]+ tok/s, [\d.]+ GFLOP/step$", out, re.M), out
     ratios = re.search(r"^moe/dense: time [\d.]+x, FLOPs ([\d.]+)x; moe/dense-eq: time [\d.]+x, FLOPs ([\d.]+)x$", out, re.M)
