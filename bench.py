@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from model import GPTConfig, GPT, MLP
 from machine import gpu_peak_flops, pick_device
 from manager import MANAGER
+from optim import configure_optimizers
 
 # -----------------------------------------------------------------------------
 mode = 'model'  # 'model': training steps; 'layer': MoE layer vs baselines; 'step': dense vs MoE; 'sample': generate
@@ -162,8 +163,8 @@ def make_model(n_exp, flop_equivalent=False):
         for block in model.transformer.h[::stride]:
             block.mlp = MLP(model.config, top_k * model.config.expert_hidden_size)
     model.to(device)
-    optimizer = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95),
-                                           device_type=device_type)
+    optimizer = configure_optimizers(model, 'adamw', weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95),
+                                     device_type=device_type)
     return model, torch.compile(model) if compile else model, optimizer
 
 

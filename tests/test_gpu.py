@@ -10,6 +10,7 @@ import torch
 import model
 from model import GPTConfig, GPT, MOELayer
 from manager import MANAGER
+from optim import configure_optimizers
 from test_moe_layer import CASES, make_layer, skewed_input
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -113,7 +114,7 @@ def test_compiled_bf16_model_trains_without_recompiles():
     torch.manual_seed(0)
     gpt = GPT(config).cuda()
     compiled = torch.compile(gpt)
-    optimizer = gpt.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cuda')
+    optimizer = configure_optimizers(gpt, 'adamw', 0.1, 1e-3, (0.9, 0.95), 'cuda')
     losses = []
     idx = torch.randint(512, (8, 257), device='cuda')  # one batch, learned by heart
     x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
