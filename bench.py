@@ -288,8 +288,9 @@ elif mode == 'step':
     dt = {key: statistics.median(t) for key, t in times.items()}
     flops = {key: step_flops(raw_model) for key, (raw_model, _, _) in models.items()}
     for key in models:
-        print(f"{' '.join(key):>14}: {dt[key] * 1000:8.2f} ms/step, {batch_size * block_size / dt[key]:9,.0f} tok/s, "
-              f"{flops[key] / 1e9:.2f} GFLOP/step, optimizer {statistics.median(optimizer_times[key]) / dt[key]:.1%}")
+        share = statistics.median(optimizer_times[key]) / dt[key]
+        print(f"{' '.join(key):>14}: {dt[key] * 1000:8.2f} ms/step, {batch_size * block_size / dt[key]:9,.0f} "
+              f"tok/s, {flops[key] / 1e9:.2f} GFLOP/step, optimizer {share:.1%}")
     for opt in optimizer.split(','):
         moe, dense, dense_eq = ((name, opt) for name in ('moe', 'dense', 'dense-eq'))
         print(f"{opt} moe/dense: time {dt[moe] / dt[dense]:.3f}x, FLOPs {flops[moe] / flops[dense]:.3f}x; "

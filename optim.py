@@ -84,7 +84,7 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """ AdamW's step, then Muon's on each matrix: Nesterov momentum orthogonalised (the matrices of one shape
-        in one call), scaled by Moonlight's 0.2 sqrt(max(a, b)) (§2.2, eq. 4), after decoupled weight decay.
+        in one call), scaled by Moonlight's 0.2 sqrt(max(a, b)), after decoupled weight decay:
         torch.optim.Muon's step, matrix by matrix """
         loss = None
         if closure is not None:

@@ -23,8 +23,9 @@ def test_fsdp_two_processes_match_one_process_on_half_the_memory(workdir):
     """ accumulation 2 per process (the first micro-step unsynced) = 1 process with 4, in weights, Muon's
     and AdamW's state, the aux-free routing bias and eval loss; each process holds half the state. Muon
     orthogonalises each sharded matrix gathered whole, each expert in the shard of its stack """
+    # eval_iters 3: 2 forwards each, rank 1's second, past eval_iters, keeps the gathers in step
     args = [*TINY, *MOE, *AUX_FREE, '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=3',
-            '--eval_iters=3', '--optimizer=muon']  # 2 forwards each: rank 1's second, past eval_iters, keeps the gathers in step
+            '--eval_iters=3', '--optimizer=muon']
     fsdp, single = workdir / 'out-fsdp', workdir / 'out-fsdp-single'
     p = train(workdir, *args, '--fsdp=True', f'--out_dir={fsdp}', launcher=TORCHRUN)
     assert p.stdout.count('saving checkpoint') == 1  # only rank 0 writes

@@ -353,8 +353,8 @@ torch.amp.GradScaler.__init__ = overflowing_init
 
 def test_float16_steps_the_scaler_skips_move_no_routing_bias_and_no_muon_momentum(workdir, tmp_path):
     out = tmp_path / 'out'
-    args = [*TINY, *MOE, '--use_aux_free_bias=True', '--bias_update_speed=0.01', '--dtype=float16', '--optimizer=muon',
-            f'--out_dir={out}', '--max_iters=3', '--eval_interval=3']
+    args = [*TINY, *MOE, '--use_aux_free_bias=True', '--bias_update_speed=0.01', '--dtype=float16',
+            '--optimizer=muon', f'--out_dir={out}', '--max_iters=3', '--eval_interval=3']
     p = subprocess.run([sys.executable, '-c', launcher(args, SKIP_EVERY_STEP)], cwd=workdir, capture_output=True,
                        text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -238,8 +238,8 @@ def test_a_nanogpt_checkpoint_resumes(workdir, dense_run):
 def test_init_from_a_dense_run_upcycles_it_with_a_fresh_optimizer(workdir, dense_run):
     # the dense run trained with AdamW; this one takes Muon, new, for its experts too
     moe = workdir / 'out-upcycled'
-    p = train(workdir, *TINY, *MOE, f'--init_from={dense_run}', f'--out_dir={moe}', '--max_iters=2', '--eval_interval=2',
-              '--optimizer=muon')
+    p = train(workdir, *TINY, *MOE, f'--init_from={dense_run}', f'--out_dir={moe}', '--max_iters=2',
+              '--eval_interval=2', '--optimizer=muon')
     assert 'upcycled: every expert starts as a copy' in p.stdout
     source = torch.load(dense_run / 'ckpt.pt', weights_only=False)
     ckpt = torch.load(moe / 'ckpt.pt', weights_only=False)
