@@ -361,7 +361,7 @@ def test_float16_steps_the_scaler_skips_move_no_routing_bias_and_no_muon_momentu
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['scaler']['scale'] == 2.0 ** 97  # 2^100 halved by the skipped steps at iterations 0, 1 and 2
     assert not ckpt['model']['transformer.h.0.mlp.router.expert_bias'].any()
-    assert ckpt['optimizer']['state'] == {}  # no optimizer step: no momentum of the overflowed gradients
+    assert not any(ckpt['optimizer']['state'].values())  # no step: no momentum of the overflowed gradients
 
 
 @pytest.mark.parametrize('installed', [True, False], ids=['not_logged_in', 'not_installed'])
