@@ -4,9 +4,10 @@ $ python bench.py                               # training steps of GPT-2 small 
 $ python bench.py --mode=layer --device=cpu --compile=False --batch_size=8 --block_size=256 --n_embd=256 --n_head=4
     # the MoE layer's forward+backward against the earlier nanoMoE's one-hot formulation and a loop over experts
 $ python bench.py --mode=step --device=cpu --compile=False --real_data=False --vocab_size=65 --batch_size=12 \
-    --block_size=64 --n_layer=4 --n_head=4 --n_embd=128
-    # a whole training step (forward, backward, AdamW) of the MoE model against the dense model of the same
-    # shape and the dense model of the same FLOPs; --profile=True adds each op's time per step (MoE, dense-eq)
+    --block_size=64 --n_layer=4 --n_head=4 --n_embd=128 --optimizer=adamw,muon
+    # a whole training step (forward, backward, optimizer) of the MoE model against the dense model of the same
+    # shape and the dense model of the same FLOPs, with each optimizer, and the optimizer's share of the step;
+    # --profile=True adds each op's time per step (MoE, dense-eq, with the first optimizer)
 $ OMP_NUM_THREADS=1 python bench.py --mode=sample --device=cpu --compile=False --dtype=float32 --vocab_size=65 \
     --batch_size=1 --block_size=256 --n_layer=6 --n_head=6 --n_embd=384 --num_steps=3
     # greedy generate (key/value cache) against nanoGPT's loop that recomputes the whole context, dense and MoE
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from model import GPTConfig, GPT, MLP
 from machine import gpu_peak_flops, pick_device
 from manager import MANAGER
+from optim import configure_optimizers
 from tokenizer import dataset_dir, load_char_meta
 
 # -----------------------------------------------------------------------------
@@ -50,6 +52,7 @@ num_steps = 20  # timed steps, after 10 to warm up
 prompt_len = 16  # mode='sample': prompt tokens per sequence
 max_new_tokens = 200  # mode='sample': tokens generated per sequence
 peak_flops = 0.0  # device peak in FLOP/s for MFU; 0: looked up for known GPUs, no MFU on CPU
+optimizer = 'adamw'  # 'adamw' or 'muon' (optim.py); mode='step' times each of a list: 'adamw,muon'
 # model: GPT-2 small with an MoE MLP in every other block (the keys and meaning of GPTConfig)
 n_layer = 12
 n_head = 12
@@ -80,6 +83,8 @@ if mode == 'sample' and not (1 <= prompt_len <= block_size and max_new_tokens >=
 if mode == 'layer' and dropout > 0:
     sys.exit(f"error: mode='layer' first checks that the formulations agree, which dropout={dropout} prevents: "
              "leave dropout at 0")
+if not set(optimizer.split(',')) <= {'adamw', 'muon'} or (mode != 'step' and ',' in optimizer):
+    sys.exit(f"error: optimizer='{optimizer}' is not 'adamw' or 'muon' (mode='step': or both, 'adamw,muon')")
 if dtype not in ('', 'float32', 'bfloat16', 'float16'):
     sys.exit(f"error: dtype='{dtype}' is not one of float32, bfloat16, float16 ('' picks one for the device)")
 torch.manual_seed(seed)
@@ -156,7 +161,7 @@ def peak_memory(fn):
     return peak
 
 
-def make_model(n_exp, flop_equivalent=False):
+def make_model(n_exp, flop_equivalent=False, optimizer=optimizer):
     """ flop_equivalent: the dense model with the MoE's active FLOPs, its MLPs in the MoE's
     blocks top_k experts wide """
     model = GPT(GPTConfig(**{**model_args, 'n_exp': n_exp}))
@@ -164,19 +169,21 @@ def make_model(n_exp, flop_equivalent=False):
         for block in model.transformer.h[::stride]:
             block.mlp = MLP(model.config, top_k * model.config.expert_hidden_size)
     model.to(device)
-    optimizer = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95),
-                                           device_type=device_type)
+    optimizer = configure_optimizers(model, optimizer, weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95),
+                                     device_type=device_type)
     return model, torch.compile(model) if compile else model, optimizer
 
 
 def train_step(model, optimizer, X, Y):
+    """ one training step; returns the seconds of its optimizer.step """
     with ctx:
         _, loss = model(X, Y)
     loss.backward()
-    optimizer.step()
+    optimizer_s = timed(optimizer.step)
     # free what the step made before it returns, so that peak_memory sees it all come and go
     optimizer.zero_grad(set_to_none=True)
     MANAGER.reset()
+    return optimizer_s
 
 
 def step_flops(model):
@@ -253,15 +260,17 @@ if mode == 'model':
     else:
         for _ in range(10):  # warm up (and compile)
             train_step(model, optimizer, *get_batch())
-        times = []
+        times, optimizer_times = [], []
         for _ in range(num_steps):
             X, Y = get_batch()
-            times.append(timed(lambda: train_step(model, optimizer, X, Y)))
+            times.append(timed(lambda: optimizer_times.append(train_step(model, optimizer, X, Y))))
         dt = statistics.median(times)
         mfu = "MFU n/a (set --peak_flops)"
         if peak_flops:
             mfu = f"MFU {raw_model.estimate_mfu(batch_size, dt, peak_flops) * 100:.2f}%"
         print(f"time per iteration: {dt * 1000:.2f}ms, {batch_size * block_size / dt:,.0f} tok/s, {mfu}")
+        print(f"optimizer.step: {statistics.median(optimizer_times) * 1000:.2f}ms, "
+              f"{statistics.median(optimizer_times) / dt:.1%} of the iteration")
         held = sum(t.numel() * t.element_size() for t in [*raw_model.parameters(),
                    *(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))])
         X, Y = get_batch()
@@ -269,30 +278,34 @@ if mode == 'model':
               f"beyond the {held / 2**20:.1f} MiB of weights and optimizer state")
 
 elif mode == 'step':
-    models = {'dense': make_model(1), 'dense-eq': make_model(1, flop_equivalent=True), 'moe': make_model(n_exp)}
+    models = {(name, opt): make_model(n, eq, opt) for opt in optimizer.split(',')
+              for name, n, eq in (('dense', 1, False), ('dense-eq', 1, True), ('moe', n_exp, False))}
     for _ in range(10):
-        for _, model, optimizer in models.values():
-            train_step(model, optimizer, *get_batch())
-    times = {name: [] for name in models}
+        for _, model, opt in models.values():
+            train_step(model, opt, *get_batch())
+    times, optimizer_times = {key: [] for key in models}, {key: [] for key in models}
     for _ in range(num_steps):
-        for name, (_, model, optimizer) in models.items():
+        for key, (_, model, opt) in models.items():
             X, Y = get_batch()
-            times[name].append(timed(lambda: train_step(model, optimizer, X, Y)))
-    dt = {name: statistics.median(t) for name, t in times.items()}
-    flops = {name: step_flops(raw_model) for name, (raw_model, _, _) in models.items()}
-    for name in models:
-        print(f"{name:>8}: {dt[name] * 1000:8.2f} ms/step, {batch_size * block_size / dt[name]:9,.0f} tok/s, "
-              f"{flops[name] / 1e9:.2f} GFLOP/step")
-    print(f"moe/dense: time {dt['moe'] / dt['dense']:.3f}x, FLOPs {flops['moe'] / flops['dense']:.3f}x; "
-          f"moe/dense-eq: time {dt['moe'] / dt['dense-eq']:.3f}x, FLOPs {flops['moe'] / flops['dense-eq']:.3f}x")
+            times[key].append(timed(lambda: optimizer_times[key].append(train_step(model, opt, X, Y))))
+    dt = {key: statistics.median(t) for key, t in times.items()}
+    flops = {key: step_flops(raw_model) for key, (raw_model, _, _) in models.items()}
+    for key in models:
+        share = statistics.median(optimizer_times[key]) / dt[key]
+        print(f"{' '.join(key):>14}: {dt[key] * 1000:8.2f} ms/step, {batch_size * block_size / dt[key]:9,.0f} "
+              f"tok/s, {flops[key] / 1e9:.2f} GFLOP/step, optimizer {share:.1%}")
+    for opt in optimizer.split(','):
+        moe, dense, dense_eq = ((name, opt) for name in ('moe', 'dense', 'dense-eq'))
+        print(f"{opt} moe/dense: time {dt[moe] / dt[dense]:.3f}x, FLOPs {flops[moe] / flops[dense]:.3f}x; "
+              f"moe/dense-eq: time {dt[moe] / dt[dense_eq]:.3f}x, FLOPs {flops[moe] / flops[dense_eq]:.3f}x")
     if profile:
         # where the MoE step's time beyond dense-eq's goes: each op's own time (children excluded), ms per step
         op_ms = {}
         for name in ('dense-eq', 'moe'):
-            _, model, optimizer = models[name]
+            _, model, opt = models[(name, optimizer.split(',')[0])]
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 for _ in range(num_steps):
-                    train_step(model, optimizer, *get_batch())
+                    train_step(model, opt, *get_batch())
             op_ms[name] = {e.key: (e.self_cpu_time_total / 1e3 / num_steps, e.count // num_steps)
                            for e in prof.key_averages()}
         ops = sorted(op_ms['dense-eq'].keys() | op_ms['moe'].keys(),

@@ -16,7 +16,6 @@ An assignment is one (token, choice) pair; there are k*N of them, numbered a = j
 """
 
 import math
-import inspect
 from dataclasses import dataclass, asdict
 
 import torch
@@ -575,27 +574,6 @@ class GPT(nn.Module):
                 fully_shard(block.mlp.router, mesh=mesh)
             fully_shard(block, mesh=mesh, mp_policy=mp_policy, ignored_params=split)
         fully_shard(self, mesh=mesh, mp_policy=mp_policy, ignored_params=split)
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        # weight decay on matmul weights and embeddings (2D and the stacked 3D expert weights);
-        # none on biases (the expert biases are 3D too) and LayerNorm gains
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        decay_params = [p for n, p in named if p.dim() >= 2 and not n.endswith('bias')]
-        nodecay_params = [p for n, p in named if not (p.dim() >= 2 and not n.endswith('bias'))]
-        optim_groups = [{'params': decay_params, 'weight_decay': weight_decay},
-                        {'params': nodecay_params, 'weight_decay': 0.0}]
-        for kind, group in (('decayed', decay_params), ('non-decayed', nodecay_params)):
-            print(f"num {kind} parameter tensors: {len(group)}, with {sum(p.numel() for p in group):,} parameters")
-        # fused AdamW where available, CPU too: unfused it is a loop of small ops per tensor, and MoE models have
-        # many
-        use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type in ('cuda', 'cpu')
-        extra_args = dict(fused=True) if use_fused else dict()
-        if len({type(p) for p in decay_params + nodecay_params}) > 1:
-            # FSDP's DTensors beside expert parallelism's experts: fused and foreach take one kind per call
-            use_fused, extra_args = False, dict(foreach=False)
-        optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
-        print(f"using fused AdamW: {use_fused}")
-        return optimizer
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
         """ model flops utilization (MFU) of the active parameters (a token runs top_k of n_exp experts) """

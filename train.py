@@ -30,6 +30,7 @@ from model import GPTConfig, GPT, DENSE_KEYS, use_grouped_mm
 from machine import gpu_peak_flops, pick_device
 from parallel import (parallel_setup_problem, split_experts, materialize, ddp_ignore_experts,
                       reduce_expert_grads, clip_grad_norm_, say_error_once)
+from optim import configure_optimizers
 from checkpoint import (check_run_dirs, saved_settings, start_model, load_optimizer_state, save_checkpoint,
                         trim_log, write_run_record)
 from manager import MANAGER
@@ -85,7 +86,8 @@ expert_hidden = 0  # hidden size of each expert; 0: 4 * n_embd (smaller with mor
 n_shared_exp = 0  # experts every token uses besides its top_k
 use_aux_free_bias = False  # aux-loss-free balancing by a routing bias (DeepSeek-V3)
 bias_update_speed = 0.001  # the bias step per optimizer step (DeepSeek-V3's gamma)
-# adamw optimizer
+# optimizer
+optimizer = 'adamw'  # 'adamw', or 'muon': Muon for the hidden matrices and experts, AdamW for the rest (optim.py)
 learning_rate = 6e-4  # max learning rate
 max_iters = 600000  # total number of training iterations
 weight_decay = 1e-1
@@ -170,6 +172,8 @@ for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_int
         fail(f"{key}={config[key]} must be >= 1")
 if seed < 0:
     fail(f"seed={seed} must be >= 0 (numpy seeds the batches with it)")
+if optimizer not in ('adamw', 'muon'):
+    fail(f"optimizer='{optimizer}' is not 'adamw' or 'muon'")
 if dtype not in ('float32', 'bfloat16', 'float16'):
     fail(f"dtype='{dtype}' is not one of float32, bfloat16, float16 ('' picks one for the device)")
 if device_type == 'cuda' and not torch.cuda.is_available():
@@ -259,6 +263,10 @@ if checkpoint is not None:  # a resumed run
     iter_num = saved_iter = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
     train_s = checkpoint.get('train_s', 0.0)  # checkpoints of the earlier nanoMoE have none
+    saved_optimizer = checkpoint.get('config', {}).get('optimizer', 'adamw')  # nanoGPT's runs: AdamW
+    if optimizer != saved_optimizer:  # its state is the other optimizer's
+        fail(f"optimizer='{optimizer}' but {ckpt_path} was trained with '{saved_optimizer}': resume with "
+             f"--optimizer={saved_optimizer}, or start a new run from its weights with --init_from={out_dir}")
 model_args = asdict(cfg)  # what the checkpoint needs to build the model again
 # what runs is what the run records (ckpt.pt's config, run.json): the model's keys, given or saved
 config.update({k: model_args[k] for k in model_keys})
@@ -298,7 +306,7 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # a no
 peak_flops = gpu_peak_flops(device) if device_type == 'cuda' else 0.0  # 0: no MFU
 
 # optimizer
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = configure_optimizers(model, optimizer, weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
     load_optimizer_state(model, optimizer, scaler, checkpoint)
 checkpoint = weights = None  # free up memory
@@ -478,7 +486,7 @@ while True:
         local = [t.to_local() if hasattr(t, 'to_local') else t for p in raw_model.parameters()
                  for t in (p, p.grad, *optimizer.state[p].values()) if t is not None]
         megabytes = sum(t.numel() * t.element_size() for t in local) / 2**20
-        print(f"weights, gradients and AdamW state: {megabytes:.3f} MiB in this process")
+        print(f"weights, gradients and optimizer state: {megabytes:.3f} MiB in this process")
     optimizer.zero_grad(set_to_none=True)  # flush the gradients as soon as we can, no need for this memory anymore
     # aux-loss-free balancing (DeepSeek-V3) by this step's load, unless the scaler skipped the step (and
     # lowered its

@@ -93,3 +93,23 @@ def logged(out_dir, key='loss'):
     """ (iter, value) of every record of out_dir/log.jsonl that has key """
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
         return [(r['iter'], r[key]) for r in map(json.loads, f) if key in r]
+
+
+def assert_muon_runs_agree(a, b, seed=1337):
+    """ out_dirs a and b hold Muon runs of the same steps whose gradients differ only in the order of their
+    float32 sums (several processes against one). Muon's bfloat16 Newton-Schulz turns those roundings into
+    bfloat16 ulps of its updates, which the later steps carry on: each weight and optimizer state of a lies
+    within a fifth of the distance b's moved from its start (train.py's initial weights of seed, zero state)
+    from b's. A matrix orthogonalised in two halves misses by half that distance or more """
+    import torch
+    from model import GPT, GPTConfig
+    a, b = (torch.load(d / 'ckpt.pt', weights_only=True) for d in (a, b))
+    torch.manual_seed(seed)
+    start = GPT(GPTConfig(**b['model_args'])).state_dict()
+    pairs = [(k, a['model'][k], v, start[k]) for k, v in b['model'].items()]
+    pairs += [(f'{i} {k}', a['optimizer']['state'][i][k], v, torch.zeros_like(v))
+              for i, state in b['optimizer']['state'].items() for k, v in state.items() if k != 'step']
+    for name, x, y, y0 in pairs:
+        assert (x - y).norm() <= 0.2 * (y - y0).norm(), name
+    assert [s['step'] for s in a['optimizer']['state'].values() if 'step' in s] == \
+        [s['step'] for s in b['optimizer']['state'].values() if 'step' in s]

@@ -65,18 +65,22 @@ def test_layer_mode_times_each_formulation_and_ours_grows_linearly_in_memory_unl
     assert onehot2 / onehot1 > 3.0  # its (N, E, cap) tensors: about four times
 
 
-def test_step_mode_times_moe_against_dense_and_flop_equivalent_dense_and_profiles_both_per_op():
-    code, out, err = bench('--mode=step', '--profile=True')
+def test_step_mode_times_moe_against_dense_and_flop_equivalent_dense_with_each_optimizer_and_profiles():
+    code, out, err = bench('--mode=step', '--optimizer=adamw,muon', '--profile=True')
     assert code == 0, err
     assert err == ''
     assert re.search(r"^ +aten::mm +[\d.]+ \( *\d+\) +[\d.]+ \( *\d+\)$", out, re.M), out
     for name in ('dense', 'dense-eq', 'moe'):
-        assert re.search(rf"^ *{name}: +[\d.]+ ms/step, +[\d,]+ tok/s, [\d.]+ GFLOP/step$", out, re.M), out
-    ratios = re.search(r"^moe/dense: time [\d.]+x, FLOPs ([\d.]+)x; moe/dense-eq: time [\d.]+x, FLOPs ([\d.]+)x$", out, re.M)
-    assert ratios, out
-    flops_vs_dense, flops_vs_dense_eq = map(float, ratios.groups())
-    assert flops_vs_dense > 1.1  # the MoE blocks run top_k = 2 experts per token
-    assert flops_vs_dense_eq == pytest.approx(1.0, abs=0.01)  # the same but for the router
+        for opt in ('adamw', 'muon'):
+            assert re.search(rf"^ *{name} {opt}: +[\d.]+ ms/step, +[\d,]+ tok/s, [\d.]+ GFLOP/step, "
+                             r"optimizer [\d.]+%$", out, re.M), out
+    for opt in ('adamw', 'muon'):
+        ratios = re.search(rf"^{opt} moe/dense: time [\d.]+x, FLOPs ([\d.]+)x; moe/dense-eq: time [\d.]+x, "
+                           r"FLOPs ([\d.]+)x$", out, re.M)
+        assert ratios, out
+        flops_vs_dense, flops_vs_dense_eq = map(float, ratios.groups())
+        assert flops_vs_dense > 1.1  # the MoE blocks run top_k = 2 experts per token
+        assert flops_vs_dense_eq == pytest.approx(1.0, abs=0.01)  # the same but for the router
 
 
 def test_model_mode_on_real_data_with_mfu(tmp_path):
@@ -87,6 +91,7 @@ def test_model_mode_on_real_data_with_mfu(tmp_path):
     code, out, err = bench('--real_data=True', '--dataset=tiny', '--peak_flops=1e12', cwd=tmp_path)
     assert code == 0, err
     assert re.search(r"^time per iteration: [\d.]+ms, [\d,]+ tok/s, MFU [\d.]+%$", out, re.M), out
+    assert re.search(r"^optimizer.step: [\d.]+ms, [\d.]+% of the iteration$", out, re.M), out
     assert re.search(r"^peak memory of a step: [\d.]+ MiB beyond the [\d.]+ MiB of weights and optimizer state$", out, re.M)
 
 
@@ -121,6 +126,8 @@ def test_sample_mode_times_cached_generate_against_recompute_on_the_same_tokens(
     (['--real_data=True', '--dataset=nope'],
      "error: data/nope/train.bin not found: run python data/nope/prepare.py first, or use --real_data=False"),
     (['--dtype=fp16'], "error: dtype='fp16' is not one of float32, bfloat16, float16 ('' picks one for the device)"),
+    (['--optimizer=adamw,muon'], "error: optimizer='adamw,muon' is not 'adamw' or 'muon' (mode='step': or both, "
+     "'adamw,muon')"),
     (['--mode=layer', '--dropout=0.1'],
      "error: mode='layer' first checks that the formulations agree, which dropout=0.1 prevents: leave dropout at 0"),
 ])

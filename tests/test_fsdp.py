@@ -9,37 +9,36 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TORCHRUN, TINY, MOE, train, logged
+from conftest import ROOT, TORCHRUN, TINY, MOE, train, logged, assert_muon_runs_agree
 
 AUX_FREE = ['--use_aux_free_bias=True', '--bias_update_speed=0.01']
 
 
 def state_mib(stdout):
-    """ the bytes of weights, gradients and AdamW state the master holds, as train.py prints them """
-    return float(re.search(r"weights, gradients and AdamW state: ([\d.]+) MiB", stdout).group(1))
+    """ the bytes of weights, gradients and optimizer state the master holds, as train.py prints them """
+    return float(re.search(r"weights, gradients and optimizer state: ([\d.]+) MiB", stdout).group(1))
 
 
 def test_fsdp_two_processes_match_one_process_on_half_the_memory(workdir):
-    """ accumulation 2 per process (the first micro-step unsynced) = 1 process with 4, in weights,
-    AdamW state, the aux-free routing bias and eval loss; each process holds half the state """
+    """ accumulation 2 per process (the first micro-step unsynced) = 1 process with 4, in weights, Muon's
+    and AdamW's state, the aux-free routing bias and eval loss; each process holds half the state. Muon
+    orthogonalises each sharded matrix gathered whole, each expert in the shard of its stack """
+    # eval_iters 3: 2 forwards each, rank 1's second, past eval_iters, keeps the gathers in step
     args = [*TINY, *MOE, *AUX_FREE, '--gradient_accumulation_steps=4', '--max_iters=3', '--eval_interval=3',
-            '--eval_iters=3']  # 2 forwards each: rank 1's second, past eval_iters, keeps the gathers in step
+            '--eval_iters=3', '--optimizer=muon']
     fsdp, single = workdir / 'out-fsdp', workdir / 'out-fsdp-single'
     p = train(workdir, *args, '--fsdp=True', f'--out_dir={fsdp}', launcher=TORCHRUN)
     assert p.stdout.count('saving checkpoint') == 1  # only rank 0 writes
     q = train(workdir, *args, f'--out_dir={single}')
     a, b = (torch.load(d / 'ckpt.pt', weights_only=False) for d in (fsdp, single))
     assert set(a['model']) == set(b['model'])
-    for k in b['model']:
-        torch.testing.assert_close(a['model'][k], b['model'][k], atol=1e-6, rtol=1e-5, msg=k)
     # the layout of optimizer.state_dict(): parameters by index, in the same groups
     assert a['optimizer']['param_groups'] == b['optimizer']['param_groups']
-    for i, state in b['optimizer']['state'].items():
-        for name, value in state.items():
-            torch.testing.assert_close(a['optimizer']['state'][i][name], value, atol=1e-6, rtol=1e-5, msg=f'{i} {name}')
+    assert set(a['optimizer']['state']) == set(b['optimizer']['state'])
+    assert_muon_runs_agree(fsdp, single)
     assert a['model']['transformer.h.0.mlp.router.expert_bias'].abs().sum() > 0
     (_, val_a), (_, val_b) = logged(fsdp, 'val_loss')[-1], logged(single, 'val_loss')[-1]
-    assert abs(val_a - val_b) < 1e-5
+    assert abs(val_a - val_b) < 1e-4
     # rank 0's shard: half of every tensor, rounded up a row where a first dimension is odd
     assert 0.5 <= state_mib(p.stdout) / state_mib(q.stdout) < 0.52
 

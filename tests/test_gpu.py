@@ -10,6 +10,7 @@ import torch
 import model
 from model import GPTConfig, GPT, MOELayer
 from manager import MANAGER
+from optim import configure_optimizers
 from test_moe_layer import CASES, make_layer, skewed_input
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -103,7 +104,8 @@ def test_bf16_compiled_layer_matches_eager_without_graph_breaks():
             assert relative_error(compiled[name], eager[name]) < 1e-2, name
 
 
-def test_compiled_bf16_model_trains_without_recompiles():
+@pytest.mark.parametrize('optimizer_name', ['adamw', 'muon'])
+def test_compiled_bf16_model_trains_without_recompiles(optimizer_name):
     import torch._dynamo
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
@@ -113,7 +115,7 @@ def test_compiled_bf16_model_trains_without_recompiles():
     torch.manual_seed(0)
     gpt = GPT(config).cuda()
     compiled = torch.compile(gpt)
-    optimizer = gpt.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cuda')
+    optimizer = configure_optimizers(gpt, optimizer_name, 0.1, 1e-3, (0.9, 0.95), 'cuda')
     losses = []
     idx = torch.randint(512, (8, 257), device='cuda')  # one batch, learned by heart
     x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()

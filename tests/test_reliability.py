@@ -73,6 +73,7 @@ def fails_with(cwd, args, message, launcher_code=None):
                                              "data/short/train.bin (Not a directory): pick another --out_dir"),
     (['--out_dir=/proc/out'], "error: out_dir '/proc/out' cannot be made in /proc (No such file or directory): "
                               "pick another --out_dir"),
+    (['--optimizer=sgd'], "error: optimizer='sgd' is not 'adamw' or 'muon'"),
 ])
 def test_bad_config_or_data_stops_before_any_work(workdir, args, message):
     make_dataset(workdir, 'short', 20, 65)
@@ -270,6 +271,14 @@ def test_resume_with_a_key_that_shapes_the_model_stops_with_one_line(workdir, tr
     assert {f: (trained / f).read_bytes() for f in files} == files
 
 
+def test_resume_with_another_optimizer_stops_with_one_line(workdir, trained):
+    files = {f: (trained / f).read_bytes() for f in ('ckpt.pt', 'log.jsonl', 'run.json')}
+    fails_with(workdir, [*TINY, f'--out_dir={trained}', '--init_from=resume', '--optimizer=muon'],
+               f"error: optimizer='muon' but {trained}/ckpt.pt was trained with 'adamw': resume with "
+               f"--optimizer=adamw, or start a new run from its weights with --init_from={trained}")
+    assert {f: (trained / f).read_bytes() for f in files} == files
+
+
 def test_resume_trains_with_a_changed_aux_loss_weight_and_records_it(workdir, trained, tmp_path):
     out = tmp_path / 'out'
     shutil.copytree(trained, out)
@@ -348,16 +357,17 @@ torch.amp.GradScaler.__init__ = overflowing_init
 """
 
 
-def test_float16_steps_the_scaler_skips_move_no_routing_bias(workdir, tmp_path):
+def test_float16_steps_the_scaler_skips_move_no_routing_bias_and_no_muon_momentum(workdir, tmp_path):
     out = tmp_path / 'out'
     args = [*TINY, *MOE, '--use_aux_free_bias=True', '--bias_update_speed=0.01', '--dtype=float16',
-            f'--out_dir={out}', '--max_iters=3', '--eval_interval=3']
+            '--optimizer=muon', f'--out_dir={out}', '--max_iters=3', '--eval_interval=3']
     p = subprocess.run([sys.executable, '-c', launcher(args, SKIP_EVERY_STEP)], cwd=workdir, capture_output=True,
                        text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['scaler']['scale'] == 2.0 ** 97  # 2^100 halved by the skipped steps at iterations 0, 1 and 2
     assert not ckpt['model']['transformer.h.0.mlp.router.expert_bias'].any()
+    assert not any(ckpt['optimizer']['state'].values())  # no step: no momentum of the overflowed gradients
 
 
 @pytest.mark.parametrize('installed', [True, False], ids=['not_logged_in', 'not_installed'])

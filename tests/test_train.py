@@ -177,8 +177,9 @@ def test_an_eval_that_takes_seconds_shows_a_progress_bar_and_a_quick_one_does_no
     assert 'eval train' not in moe_run[1].stderr
 
 
-# dropout and router noise on: every random draw must replay
-RESUMED = [*TINY, *MOE, '--use_noisy_top_k=True', '--dropout=0.1', '--gradient_accumulation_steps=2',
+# dropout and router noise on: every random draw must replay; Muon's momentum and AdamW's moments from ckpt.pt
+RESUMED = [*TINY, *MOE, '--optimizer=muon', '--use_noisy_top_k=True', '--dropout=0.1',
+           '--gradient_accumulation_steps=2',
            '--eval_interval=8', '--always_save_checkpoint=True', '--max_iters=16']
 
 
@@ -265,15 +266,20 @@ def test_a_nanogpt_checkpoint_resumes(workdir, dense_run):
     assert torch.load(theirs / 'ckpt.pt', weights_only=False)['iter_num'] == 8
 
 
-def test_init_from_a_dense_run_upcycles_it(workdir, dense_run):
+def test_init_from_a_dense_run_upcycles_it_with_a_fresh_optimizer(workdir, dense_run):
+    # the dense run trained with AdamW; this one takes Muon, new, for its experts too
     moe = workdir / 'out-upcycled'
-    p = train(workdir, *TINY, *MOE, f'--init_from={dense_run}', f'--out_dir={moe}', '--max_iters=2', '--eval_interval=2')
+    p = train(workdir, *TINY, *MOE, f'--init_from={dense_run}', f'--out_dir={moe}', '--max_iters=2',
+              '--eval_interval=2', '--optimizer=muon')
     assert 'upcycled: every expert starts as a copy' in p.stdout
     source = torch.load(dense_run / 'ckpt.pt', weights_only=False)
     ckpt = torch.load(moe / 'ckpt.pt', weights_only=False)
     assert ckpt['iter_num'] == 2 and ckpt['model_args']['n_exp'] == 4  # a new run of an MoE model
     assert ckpt['model']['transformer.h.0.mlp.experts.c_fc'].shape == (4, 32, 128)
     assert 'transformer.h.0.mlp.c_fc.weight' in source['model']
+    assert [len(g['params']) for g in ckpt['optimizer']['param_groups']] == [8, 3, 5]  # Muon, decayed, not
+    experts = ckpt['optimizer']['param_groups'][0]['params'][2]  # block 0's attention, then its experts' c_fc
+    assert ckpt['optimizer']['state'][experts]['momentum_buffer'].shape == (4, 32, 128)
 
 
 def test_init_from_its_own_out_dir_stops(workdir, dense_run):
