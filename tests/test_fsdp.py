@@ -30,7 +30,7 @@ def test_fsdp_two_processes_match_one_process_on_half_the_memory(workdir):
     p = train(workdir, *args, '--fsdp=True', f'--out_dir={fsdp}', launcher=TORCHRUN)
     assert p.stdout.count('saving checkpoint') == 1  # only rank 0 writes
     q = train(workdir, *args, f'--out_dir={single}')
-    a, b = (torch.load(d / 'ckpt.pt', weights_only=False) for d in (fsdp, single))
+    a, b = (torch.load(d / 'ckpt.pt', weights_only=True) for d in (fsdp, single))
     assert set(a['model']) == set(b['model'])
     # the layout of optimizer.state_dict(): parameters by index, in the same groups
     assert a['optimizer']['param_groups'] == b['optimizer']['param_groups']
@@ -55,13 +55,13 @@ def test_fsdp_resume_is_exact_and_its_checkpoints_resume_on_one_process_and_samp
     assert [i for i, _ in logged(split)] == list(range(9))  # the first run's iteration 4 is done again, once
     for i, loss in logged(split):
         assert loss == reference[i], f"iter {i}: {loss} != {reference[i]}"  # bit for bit
-    final = [torch.load(d / 'ckpt.pt', weights_only=False) for d in (straight, split)]
+    final = [torch.load(d / 'ckpt.pt', weights_only=True) for d in (straight, split)]
     for k, v in final[0]['model'].items():
         assert torch.equal(v, final[1]['model'][k]), k
     # the FSDP checkpoint resumes on one process, and that one's under FSDP again
     train(workdir, *args, f'--out_dir={split}', '--max_iters=12', '--init_from=resume')
     train(workdir, *args, '--fsdp=True', f'--out_dir={split}', '--max_iters=16', '--init_from=resume', launcher=TORCHRUN)
-    assert torch.load(split / 'ckpt.pt', weights_only=False)['iter_num'] == 16
+    assert torch.load(split / 'ckpt.pt', weights_only=True)['iter_num'] == 16
     assert [i for i, _ in logged(split, 'val_loss')] == [0, 4, 8, 12, 16]  # a resume evaluates first, in place of the eval it repeats
     p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--out_dir={split}', '--device=cpu',
                         '--num_samples=1', '--max_new_tokens=40'], cwd=workdir, capture_output=True, text=True, timeout=120)

@@ -127,7 +127,7 @@ def test_eval_only_of_another_model_in_a_runs_out_dir_prints_and_leaves_the_run_
 def test_warmup_as_long_as_the_decay_trains(dense_run):
     # nanoGPT's schedule divided 0 by 0 at iteration warmup_iters when it equals lr_decay_iters
     out, _ = dense_run
-    assert torch.load(out / 'ckpt.pt', weights_only=False)['iter_num'] == 3
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 3
 
 
 def test_upcycling_with_impossible_moe_keys_stops_with_one_line(workdir, dense_run, tmp_path):
@@ -235,7 +235,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, trained, tmp_pat
     assert 'the last good checkpoint is kept' in last
     if log_interval == 1:
         assert '(9, ' in last  # the last finite losses, iteration 9 among them
-    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['iter_num'] == 8  # the eval at 8 saved; nothing after the loss went bad
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values())
 
@@ -246,13 +246,13 @@ def test_a_float16_resume_restores_the_grad_scaler(workdir, trained, tmp_path):
     steps without an inf moves """
     out = tmp_path / 'out'
     shutil.copytree(trained, out)
-    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     ckpt['scaler'] = dict(scale=1024.0, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000,
                           _growth_tracker=7)
     torch.save(ckpt, out / 'ckpt.pt')
     train(workdir, *TINY, *MOE, f'--out_dir={out}', '--init_from=resume', '--dtype=float16', '--max_iters=6',
           '--eval_interval=6')
-    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['iter_num'] == 6
     assert ckpt['scaler']['scale'] == 1024.0 and ckpt['scaler']['_growth_tracker'] == 9  # iterations 4 and 5
 

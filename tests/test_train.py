@@ -35,7 +35,7 @@ def test_a_run_evaluates_and_saves_its_last_iteration_once(workdir, moe_run):
     out = workdir / 'out-last'
     train(workdir, *TINY, f'--out_dir={out}', '--max_iters=7', '--eval_interval=5')
     assert [i for i, _ in logged(out, 'val_loss')] == [0, 5, 7]
-    assert torch.load(out / 'ckpt.pt', weights_only=False)['iter_num'] == 7
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 7
     # max_iters=40 a multiple of eval_interval=40: one eval at 40
     assert [i for i, _ in logged(moe_run[0], 'val_loss')] == [0, 40]
 
@@ -57,7 +57,7 @@ def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine_to_min_lr(moe_r
 
 def test_checkpoint_holds_every_gpt_config_key(moe_run):
     out, _ = moe_run
-    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['iter_num'] == 40
     assert set(ckpt['model_args']) == {f.name for f in fields(GPTConfig)}
     assert ckpt['model_args']['n_exp'] == 4 and ckpt['model_args']['use_aux_loss'] is True
@@ -73,7 +73,7 @@ def test_log_records_each_moe_blocks_expert_shares_and_drops_every_step(moe_run)
 
 def test_run_says_once_what_it_runs_and_at_the_end_where_its_best_model_is(moe_run):
     out, p = moe_run
-    state = torch.load(out / 'ckpt.pt', weights_only=False)['model']
+    state = torch.load(out / 'ckpt.pt', weights_only=True)['model']
     total = sum(v.numel() for k, v in state.items() if k != 'lm_head.weight')  # tied to wte
     experts = sum(v.numel() for k, v in state.items() if '.experts.' in k)
     active = total - experts * (4 - 2) // 4  # each token runs top_k=2 of the n_exp=4 experts
@@ -209,7 +209,7 @@ def test_resume_replays_the_uninterrupted_run_bit_for_bit(resumed_run):
     reference = dict(logged(straight))
     for i, loss in logged(split):
         assert loss == reference[i], f"iter {i}: {loss} != {reference[i]}"
-    final = [torch.load(d / 'ckpt.pt', weights_only=False) for d in (straight, split)]
+    final = [torch.load(d / 'ckpt.pt', weights_only=True) for d in (straight, split)]
     for k, v in final[0]['model'].items():
         assert torch.equal(v, final[1]['model'][k]), k
 
@@ -254,7 +254,7 @@ def test_a_new_run_starts_its_own_log(dense_run):
 def test_a_nanogpt_checkpoint_resumes(workdir, dense_run):
     """ nanoGPT's checkpoints have no GradScaler state and no train_s """
     theirs = workdir / 'out-nanogpt'
-    checkpoint = torch.load(dense_run / 'ckpt.pt', weights_only=False)
+    checkpoint = torch.load(dense_run / 'ckpt.pt', weights_only=True)
     nanogpt_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
     checkpoint = dict(model={'_orig_mod.' + k: v for k, v in checkpoint['model'].items()},  # saved compiled
                       optimizer=checkpoint['optimizer'], iter_num=checkpoint['iter_num'],
@@ -263,7 +263,7 @@ def test_a_nanogpt_checkpoint_resumes(workdir, dense_run):
     theirs.mkdir()
     torch.save(checkpoint, theirs / 'ckpt.pt')
     train(workdir, *TINY, f'--out_dir={theirs}', '--max_iters=8', '--eval_interval=4', '--init_from=resume')
-    assert torch.load(theirs / 'ckpt.pt', weights_only=False)['iter_num'] == 8
+    assert torch.load(theirs / 'ckpt.pt', weights_only=True)['iter_num'] == 8
 
 
 def test_init_from_a_dense_run_upcycles_it_with_a_fresh_optimizer(workdir, dense_run):
@@ -272,8 +272,8 @@ def test_init_from_a_dense_run_upcycles_it_with_a_fresh_optimizer(workdir, dense
     p = train(workdir, *TINY, *MOE, f'--init_from={dense_run}', f'--out_dir={moe}', '--max_iters=2',
               '--eval_interval=2', '--optimizer=muon')
     assert 'upcycled: every expert starts as a copy' in p.stdout
-    source = torch.load(dense_run / 'ckpt.pt', weights_only=False)
-    ckpt = torch.load(moe / 'ckpt.pt', weights_only=False)
+    source = torch.load(dense_run / 'ckpt.pt', weights_only=True)
+    ckpt = torch.load(moe / 'ckpt.pt', weights_only=True)
     assert ckpt['iter_num'] == 2 and ckpt['model_args']['n_exp'] == 4  # a new run of an MoE model
     assert ckpt['model']['transformer.h.0.mlp.experts.c_fc'].shape == (4, 32, 128)
     assert 'transformer.h.0.mlp.c_fc.weight' in source['model']
@@ -299,8 +299,8 @@ def test_ddp_two_processes_match_one_process(workdir):
         assert p.stdout.count(line) == 1, line  # and prints
     assert 'Warning' not in p.stderr, p.stderr
     train(workdir, *args, f'--out_dir={single}')
-    a = torch.load(ddp / 'ckpt.pt', weights_only=False)['model']
-    b = torch.load(single / 'ckpt.pt', weights_only=False)['model']
+    a = torch.load(ddp / 'ckpt.pt', weights_only=True)['model']
+    b = torch.load(single / 'ckpt.pt', weights_only=True)['model']
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
     # the eval split over the processes is one process's: the same weights at iteration 0, the same to rounding at 3
@@ -345,7 +345,7 @@ def test_ctrl_c_during_a_save_names_the_iteration_on_disk(workdir):
               launcher=[sys.executable, '-c', CTRL_C_AFTER_THE_RENAME], check=False)
     assert p.returncode == 130, p.stderr[-3000:]
     assert 'Traceback' not in p.stderr, p.stderr
-    assert torch.load(out / 'ckpt.pt', weights_only=False)['iter_num'] == 5
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 5
     assert p.stdout.strip().splitlines()[-1] == (f"interrupted at iter 5: {out}/ckpt.pt holds iter 5; "
                                                  f"continue with --init_from=resume --out_dir={out}")
 
@@ -356,6 +356,6 @@ def test_odd_sizes_train_and_dropless_on_padded_slots_warns(workdir):
     out = workdir / 'out-odd'
     p = train(workdir, *TINY, *MOE, '--n_embd=30', '--n_head=3', '--expert_hidden=30', '--train_capacity=0',
               f'--out_dir={out}', '--max_iters=3', '--eval_interval=3')
-    assert torch.load(out / 'ckpt.pt', weights_only=False)['iter_num'] == 3
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 3
     assert p.stdout.count('warning: dropless routing here runs the experts on padded slots') == 1
     assert 'n_exp/top_k = 2.0x the expert FLOPs' in p.stdout
