@@ -13,11 +13,9 @@ import json
 import math
 import inspect
 import time
-import netrc
 import atexit
 import signal
 import warnings
-import importlib.util
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
@@ -28,9 +26,10 @@ from torch.distributed import init_process_group, destroy_process_group
 
 from model import GPTConfig, GPT, DENSE_KEYS, use_grouped_mm
 from machine import gpu_peak_flops, pick_device
-from parallel import (parallel_setup_problem, split_experts, materialize, ddp_ignore_experts,
-                      reduce_expert_grads, clip_grad_norm_, say_error_once)
+from parallel import (split_experts, materialize, ddp_ignore_experts, reduce_expert_grads, clip_grad_norm_,
+                      say_error_once)
 from optim import configure_optimizers
+from checks import run_problem, run_warnings
 from checkpoint import (check_run_dirs, saved_settings, start_model, load_optimizer_state, save_checkpoint,
                         trim_log, write_run_record)
 from manager import MANAGER
@@ -134,18 +133,6 @@ def fail(message):
     say_error_once(message)
     leave(1)
 
-def wandb_cannot_log():
-    """ why wandb.init would fail, or '': offline, from WANDB_MODE, WANDB_API_KEY and wandb login's ~/.netrc """
-    if importlib.util.find_spec('wandb') is None:
-        return "wandb is not installed: pip install wandb"
-    host = os.environ.get('WANDB_BASE_URL', 'https://api.wandb.ai').split('//')[-1].split('/')[0]
-    path = os.environ.get('NETRC') or os.path.expanduser('~/.netrc')
-    if os.environ.get('WANDB_MODE') in ('offline', 'disabled') or os.environ.get('WANDB_API_KEY') or \
-            (os.path.exists(path) and netrc.netrc(path).authenticators(host)):
-        return ""
-    return f"wandb is not logged in (no WANDB_API_KEY, no {host} in {path}): run `wandb login`, " \
-        "or set WANDB_MODE=offline"
-
 # the processes, the device and the dtype
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
 ddp_rank, ddp_local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
@@ -157,7 +144,7 @@ if ddp and device_type == 'cuda' and torch.cuda.is_available():
     torch.cuda.set_device(device)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
-# validate the config, the data and out_dir before any work: one line naming the problem and the fix
+# the config, the data and out_dir, checked before any work (checks.py): one line naming the problem and the fix
 try:
     check_run_dirs(init_from, out_dir, eval_only)
     if init_from == 'resume':  # the run goes on as it was set up, but for what is given now
@@ -167,54 +154,15 @@ try:
     meta = load_char_meta(data_dir)  # None: GPT-2's BPE
 except ValueError as e:
     fail(e)
-for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval'):
-    if config[key] < 1:
-        fail(f"{key}={config[key]} must be >= 1")
-if seed < 0:
-    fail(f"seed={seed} must be >= 0 (numpy seeds the batches with it)")
-if optimizer not in ('adamw', 'muon'):
-    fail(f"optimizer='{optimizer}' is not 'adamw' or 'muon'")
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    fail(f"dtype='{dtype}' is not one of float32, bfloat16, float16 ('' picks one for the device)")
-if device_type == 'cuda' and not torch.cuda.is_available():
-    fail(f"device='{device}' but torch finds no CUDA GPU: use --device=cpu, or leave device empty to pick")
-if (problem := parallel_setup_problem(fsdp, ep_size, ddp, ddp_world_size, dtype, backend)):
-    fail(problem)
-if gradient_accumulation_steps % ddp_world_size != 0:
-    fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the {ddp_world_size} "
-         f"processes: it counts the micro-steps of all of them; add --gradient_accumulation_steps="
-         f"{-(-gradient_accumulation_steps // ddp_world_size) * ddp_world_size} (or another multiple)")
-if wandb_log and master_process and (problem := wandb_cannot_log()):
-    fail(f"wandb_log=True but {problem}; or pass --wandb_log=False")
-if not os.path.isdir(data_dir):
-    names = sorted(d for d in os.listdir('data') if os.path.isdir(f'data/{d}') and d[0] not in '._') \
-        if os.path.isdir('data') else []
-    fail(f"no dataset '{dataset}' in data/ (it has {', '.join(names)}): pick one, or prepare yours into data/{dataset}/"
-         if names else f"there is no data/ directory in {os.getcwd()}: run train.py from the repository root")
-# an eval evaluates the splits there are: with hellaswag=True and no data set prepared, HellaSwag alone
 splits = [s for s in ('train', 'val') if os.path.exists(os.path.join(data_dir, f'{s}.bin'))]
-for split in ('train', 'val'):
-    path = os.path.join(data_dir, f'{split}.bin')
-    if split not in splits and not (eval_only and (splits or hellaswag)):
-        prepare = f"data/{dataset}/prepare.py" if os.path.exists(f'{data_dir}/prepare.py') else \
-            f"data/openwebtext/prepare.py --input=<your documents> --out_dir={data_dir}"
-        fail(f"{path} not found: run python {prepare} first")
-    # too few val tokens: a noisy val loss, that overfits to them
-    if split == 'val' and split in splits and os.path.getsize(path) // 2 < 10_000:
-        print(f"warning: {path} holds only {os.path.getsize(path) // 2:,} tokens, too few for a steady val "
-              "loss: prepare more data, to hold 10,000 or more")
-if decay_lr and not eval_only and warmup_iters >= max_iters:
-    print(f"warning: warmup_iters={warmup_iters} >= max_iters={max_iters}: the learning rate never leaves "
-          "warm-up (set a smaller --warmup_iters)")
-if decay_lr and not eval_only and not 0.5 * max_iters <= lr_decay_iters <= 1.1 * max_iters:
-    print(f"warning: lr_decay_iters={lr_decay_iters} is far from max_iters={max_iters}: the cosine decay ends "
-          f"{'after' if lr_decay_iters > max_iters else 'long before'} the run (set --lr_decay_iters={max_iters})")
+if (problem := run_problem(config, device, device_type, dtype, ddp, ddp_world_size, master_process, data_dir,
+                           splits, meta)):
+    fail(problem)
+for line in run_warnings(config, data_dir, splits):
+    print(line)
 meta_vocab_size, meta_path = (meta['vocab_size'], char_meta_path(data_dir)) if meta else (None, None)
 if meta is not None:
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
-if hellaswag and meta is not None:  # the items are text, in GPT-2's tokens
-    fail(f"hellaswag=True scores a GPT-2 BPE model, but {dataset} has its own vocabulary "
-         f"({meta_path}): train on a GPT-2 BPE dataset, or leave hellaswag off")
 try:
     hs_items = hs.read_items(hs.PATH, hellaswag_items) if hellaswag else None
 except ValueError as e:
