@@ -9,7 +9,6 @@ On several nodes, see the README's Scaling section.
 
 import os
 import sys
-import json
 import math
 import inspect
 import time
@@ -33,6 +32,7 @@ from checks import run_problem, run_warnings
 from checkpoint import (check_run_dirs, saved_settings, start_model, load_optimizer_state, save_checkpoint,
                         trim_log, write_run_record)
 from manager import MANAGER
+from runlog import RunLog
 from tokenizer import dataset_dir, char_meta_path, load_char_meta
 import hellaswag as hs
 from tqdm import tqdm
@@ -332,52 +332,27 @@ def stop_if_not_finite(losses, message):
     """ a loss gone inf or nan ends the run before anything saves it: the last good checkpoint stays """
     if not all(map(math.isfinite, losses)):
         stop_together(1, f"error: {message}; the last good checkpoint is kept. Last logged losses (iter, loss, "
-                      f"aux, z): {recent_losses}", sys.stderr)
+                      f"aux, z): {run_log.recent_losses}", sys.stderr)
 
-def log(record, line, wandb_stats):
-    """ one log line on stdout, its record in log.jsonl (if this run keeps one), and the same numbers in wandb """
-    print(line)
-    if log_file is not None:
-        log_file.write(json.dumps(record) + '\n')
-    if wandb_log:
-        wandb.log(wandb_stats)
-
-def step_line(r):
-    """ a training step's log line, from its record r """
-    line = f"iter {r['iter']}: loss {r['loss']:.4f}"
-    if 'routing' in r:
-        line += f", aux {r['aux']:.3f}" if cfg.use_aux_loss else ""
-        line += f", z {r['z']:.3f}" if cfg.use_router_z_loss else ""
-        line += f", drop {r['drop'] * 100:.1f}%, top {r['top_share'] * 100:.0f}%"
-    line += f", {r['dt_ms']:.1f}ms, {tokens_per_iter / r['dt_ms']:.1f}k tok/s"
-    line += f", mfu {running_mfu * 100:.1f}%" if running_mfu > 0 else ""
-    if dt_avg is not None:
-        eta = (max_iters - r['iter']) * dt_avg
-        line += ", eta " + (f"{eta / 3600:.1f}h" if eta > 3600 else f"{eta / 60:.1f}m" if eta > 60 else f"{eta:.0f}s")
-    return line
-
-# a record of the run next to its log (config, versions, commit), and the log
-if master_process:
-    log_path = os.path.join(out_dir, 'log.jsonl')
-    if not eval_only:  # an eval leaves the run in out_dir, if any, as it is
-        os.makedirs(out_dir, exist_ok=True)
-        write_run_record(out_dir, config=config, model_args=model_args, world_size=ddp_world_size, device=device,
-                         dtype=dtype)
-        trim_log(log_path, iter_num)
-    # line-buffered: every record is on disk when written. A log holds one run's records: the eval of another model
-    # than the run in out_dir is printed only
-    log_file = open(log_path, 'a', buffering=1) if init_from == 'resume' or not eval_only else None
-    if wandb_log:
-        import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+# a record of the run next to its log (config, versions, commit), and the log, which rank 0 alone writes
+log_path = os.path.join(out_dir, 'log.jsonl')
+if master_process and not eval_only:  # an eval leaves the run in out_dir, if any, as it is
+    os.makedirs(out_dir, exist_ok=True)
+    write_run_record(out_dir, config=config, model_args=model_args, world_size=ddp_world_size, device=device,
+                     dtype=dtype)
+    trim_log(log_path, iter_num)
+# a log holds one run's records: the eval of another model than the run in out_dir is printed only
+keeps_log = master_process and (init_from == 'resume' or not eval_only)
+run_log = RunLog(log_path if keeps_log else None, iter_num, max_iters, tokens_per_iter, cfg.use_aux_loss,
+                 cfg.use_router_z_loss)
+if master_process and wandb_log:
+    run_log.start_wandb(project=wandb_project, name=wandb_run_name, config=config)
 interrupted = False
 signal.signal(signal.SIGINT, on_interrupt)
 
 # training loop
 t0 = time.time()
 local_iter_num = 0  # number of iterations in the lifetime of this process
-running_mfu, dt_avg = -1.0, None  # running averages of MFU and of the step time, once the loop has settled
-recent_losses = []  # the last few logged (iter, loss, aux, z), reported if the loss blows up
 while True:
     # dropout and router noise draw from an RNG seeded by (seed, rank, iteration): resume is exact
     torch.manual_seed(seed + 1_000_003 * iter_num + ddp_rank)
@@ -394,11 +369,7 @@ while True:
         losses = estimate_loss()
         stop_if_not_finite([losses[s] for s in splits], f"eval loss is {losses} at iter {iter_num}")
         if master_process:
-            scores = {k: v for k, v in losses.items() if k.startswith('hellaswag')}  # {} unless hellaswag
-            line = ", ".join([f"{s} loss {losses[s]:.4f}" for s in splits] + hs.line(scores))
-            log(dict(iter=iter_num, **{f'{s}_loss': losses[s] for s in splits}, lr=lr, train_s=train_s, **scores),
-                f"step {iter_num}: {line}", {"iter": iter_num, **{f"{s}/loss": losses[s] for s in splits}, "lr": lr,
-                                            "mfu": running_mfu * 100, **scores})
+            run_log.eval(iter_num, losses, lr, train_s)
         if not eval_only and (losses['val'] < best_val_loss or always_save_checkpoint):
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0:
@@ -460,19 +431,10 @@ while True:
             stop_together(130, f"\ninterrupted at iter {iter_num}: {checkpoint_status()}; " + (
                 f"continue with --init_from=resume --out_dir={out_dir}" if saved_iter is not None else "start it again"))
     if iter_num % log_interval == 0 and master_process:
-        record = dict(iter=iter_num, loss=step_losses[0], lr=lr, dt_ms=dt * 1000, train_s=train_s,
-                      **MANAGER.log_record())
-        aux, z = record.get('aux', 0.0), record.get('z', 0.0)
-        recent_losses = (recent_losses + [(iter_num, round(record['loss'], 4), round(aux, 4), round(z, 4))])[-5:]
-        if local_iter_num >= 5:  # let the training loop settle a bit
-            dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
-            if peak_flops:
-                mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
-                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-        log(record, step_line(record), {"iter": iter_num, "train/loss_step": record['loss'], "lr": lr,
-            **{f"moe/{k}": record[k] for k in ('aux', 'z', 'drop', 'top_share') if k in record},
-            **{f"load/layer{layer}/expert{e}": share for layer, (shares, _) in record.get('routing', {}).items()
-               for e, share in enumerate(shares)}})
+        fwdbwd_per_iter = batch_size * gradient_accumulation_steps
+        mfu = raw_model.estimate_mfu(fwdbwd_per_iter, dt, peak_flops) if peak_flops else None
+        run_log.step(dict(iter=iter_num, loss=step_losses[0], lr=lr, dt_ms=dt * 1000, train_s=train_s,
+                          **MANAGER.log_record()), dt, mfu)
     iter_num += 1
     local_iter_num += 1
     if iter_num > max_iters:
@@ -482,8 +444,7 @@ if master_process:
     if not eval_only:
         print(f"best val loss {best_val_loss:.4f}; {checkpoint_status()}; {train_s:.0f} s of training steps, "
               f"{time.time() - t_start:.0f} s in all")
-    if wandb_log:
-        wandb.finish()
+    run_log.close()
 if ddp:
     torch.distributed.barrier()  # the processes leave together
 leave(0)
