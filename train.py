@@ -34,7 +34,7 @@ from checkpoint import (check_run_dirs, saved_settings, start_model, load_optimi
 from manager import MANAGER
 from runlog import RunLog
 from tokenizer import dataset_dir, char_meta_path, load_char_meta
-import hellaswag as hs
+import hellaswag as hellaswag_eval
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -119,7 +119,7 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 config = {k: globals()[k] for k in config_keys}  # will be useful for logging
 # -----------------------------------------------------------------------------
 
-def leave(code):
+def exit_process(code):
     """ Exit. Under torchrun, close the process group and skip the interpreter's teardown, which gloo's threads
     can abort ("terminate called without an active exception"); the log is line-buffered, checkpoints renamed """
     if torch.distributed.is_initialized():
@@ -131,7 +131,7 @@ def leave(code):
 def fail(message):
     """ a user mistake: one line (under torchrun, from the first process to fail), exit 1, nothing written """
     say_error_once(message)
-    leave(1)
+    exit_process(1)
 
 # the processes, the device and the dtype
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
@@ -164,14 +164,14 @@ meta_vocab_size, meta_path = (meta['vocab_size'], char_meta_path(data_dir)) if m
 if meta is not None:
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
 try:
-    hs_items = hs.read_items(hs.PATH, hellaswag_items) if hellaswag else None
+    hellaswag_val_items = hellaswag_eval.read_items(hellaswag_eval.PATH, hellaswag_items) if hellaswag else None
 except ValueError as e:
     fail(e)
 
 # various inits, derived attributes, I/O setup
 t_start = time.time()  # for the closing line's time in all: setup, steps, evals and saves of this process
 if ddp:
-    # on CUDA gloo beside NCCL: the expert-parallel checkpoint gathers through host memory (parallel.whole_experts)
+    # gloo beside NCCL on CUDA: an expert-parallel checkpoint gathers through host memory (parallel.gather_experts)
     init_process_group(backend=backend or ('cpu:gloo,cuda:nccl' if device_type == 'cuda' else 'gloo'))
     # on every way out, errors included: no process group left to die at exit
     atexit.register(destroy_process_group)
@@ -195,11 +195,11 @@ def get_batch(split, it, micro):
     return x.to(device), y.to(device)
 
 # model init, from scratch, a run's checkpoint or GPT-2's weights (upcycled if n_exp > 1): checkpoint.start_model
-given = {k: config[k] for k in model_keys if k in given_keys}  # those a config file or the command line set
+given_model_args = {k: config[k] for k in model_keys if k in given_keys}  # a config file's or --key=value's
 torch.manual_seed(seed)  # an upcycled model's routers
 try:
-    cfg, weights, checkpoint = start_model(init_from, out_dir, {k: config[k] for k in model_keys}, given,
-                                           meta_vocab_size)
+    cfg, weights, checkpoint = start_model(init_from, out_dir, {k: config[k] for k in model_keys},
+                                           given_model_args, meta_vocab_size)
     if meta_vocab_size is not None and meta_vocab_size != cfg.vocab_size:
         raise ValueError(f"{meta_path} has a vocabulary of {meta_vocab_size} tokens but the model has "
                          f"{cfg.vocab_size}: prepare the data with the model's tokenizer")
@@ -219,10 +219,11 @@ model_args = asdict(cfg)  # what the checkpoint needs to build the model again
 # what runs is what the run records (ckpt.pt's config, run.json): the model's keys, given or saved
 config.update({k: model_args[k] for k in model_keys})
 block_size = cfg.block_size
-hs_data = hs.render(hs_items, block_size) if hellaswag else None  # tensors x, y, labels: see hellaswag.py
+# the items as tensors x, y, labels (hellaswag.py)
+hellaswag_tensors = hellaswag_eval.render(hellaswag_val_items, block_size) if hellaswag else None
 if cfg.n_exp == 1:
     for key, default in moe_defaults.items():
-        if key in given and config[key] != default:
+        if key in given_model_args and config[key] != default:
             print(f"warning: {key}={config[key]} has no effect with n_exp=1 (a dense model)")
 for split in splits:
     path = os.path.join(data_dir, f'{split}.bin')
@@ -296,7 +297,8 @@ def estimate_loss():
             torch.distributed.all_reduce(losses)  # each batch's loss plus zeros: exact
         out[split] = losses.mean().item()
     if hellaswag:
-        out.update(hs.evaluate(eval_model, hs_data, batch_size, device, ctx, ddp_rank, ddp_world_size))
+        out.update(hellaswag_eval.evaluate(eval_model, hellaswag_tensors, batch_size, device, ctx, ddp_rank,
+                                           ddp_world_size))
     eval_model.train()
     return out
 
@@ -326,7 +328,7 @@ def stop_together(code, line, file=sys.stdout):
         print(line, file=file, flush=True)
     if ddp:
         torch.distributed.barrier()
-    leave(code)
+    exit_process(code)
 
 def stop_if_not_finite(losses, message):
     """ a loss gone inf or nan ends the run before anything saves it: the last good checkpoint stays """
@@ -428,8 +430,9 @@ while True:
         step_losses = [x * gradient_accumulation_steps for x in step_losses]  # scaled back up
         stop_if_not_finite(step_losses, f"loss is {step_losses if ddp else step_losses[0]} at iter {iter_num}")
         if interrupts:
-            stop_together(130, f"\ninterrupted at iter {iter_num}: {checkpoint_status()}; " + (
-                f"continue with --init_from=resume --out_dir={out_dir}" if saved_iter is not None else "start it again"))
+            how_to_go_on = f"continue with --init_from=resume --out_dir={out_dir}" if saved_iter is not None else \
+                "start it again"
+            stop_together(130, f"\ninterrupted at iter {iter_num}: {checkpoint_status()}; {how_to_go_on}")
     if iter_num % log_interval == 0 and master_process:
         fwdbwd_per_iter = batch_size * gradient_accumulation_steps
         mfu = raw_model.estimate_mfu(fwdbwd_per_iter, dt, peak_flops) if peak_flops else None
@@ -447,4 +450,4 @@ if master_process:
     run_log.close()
 if ddp:
     torch.distributed.barrier()  # the processes leave together
-leave(0)
+exit_process(0)
