@@ -48,7 +48,7 @@ eval_only = False  # if True, evaluate once (also a resumed run) and exit: no tr
 always_save_checkpoint = True  # if True, always save a checkpoint after each eval
 hellaswag = False  # if True, each eval also scores HellaSwag (hellaswag.py), for GPT-2 BPE models
 hellaswag_items = 0  # HellaSwag items each eval scores; 0: all 10,042
-# 'scratch', 'resume', 'gpt2*', a GPT-2 dir, or a run's out_dir (its weights); n_exp > 1 upcycles a dense one
+# 'scratch', 'resume', 'gpt2*', a GPT-2 dir, or a run's out_dir (its weights), a dense one upcycled if n_exp > 1
 init_from = 'scratch'
 # wandb logging
 wandb_log = False  # disabled by default
@@ -56,7 +56,7 @@ wandb_project = 'owt'
 wandb_run_name = 'gpt2'  # 'run' + str(time.time())
 # data
 dataset = 'openwebtext'  # reads data/<dataset>/train.bin, val.bin (and meta.json if there)
-gradient_accumulation_steps = 5 * 8  # used to simulate larger batch sizes; divided by the world size
+gradient_accumulation_steps = 5 * 8  # micro-steps per iteration over all processes, to simulate a larger batch
 batch_size = 12  # micro-batch size, sequences per forward
 block_size = 1024  # context length, tokens
 seed = 1337  # batches, dropout and router noise are functions of (seed, iteration, rank)
@@ -110,7 +110,7 @@ compile = torch.cuda.is_available()  # use PyTorch 2.0 to compile the model to b
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 model_keys = [f.name for f in fields(GPTConfig) if f.name in globals()]  # all but vocab_size, which the data sets
 moe_defaults = {k: globals()[k] for k in model_keys if k not in DENSE_KEYS}  # the keys only an MoE model reads
-# under torchrun rank 0 alone prints the config, the setup, warnings and the log (errors: see fail)
+# under torchrun rank 0 alone prints the config, the setup, the warnings and the log (fail prints errors)
 if int(os.environ.get('RANK', 0)) != 0:
     sys.stdout = open(os.devnull, 'w')
     warnings.simplefilter('ignore')
@@ -120,8 +120,9 @@ config = {k: globals()[k] for k in config_keys}  # will be useful for logging
 # -----------------------------------------------------------------------------
 
 def exit_process(code):
-    """ Exit. Under torchrun, close the process group and skip the interpreter's teardown, which gloo's threads
-    can abort ("terminate called without an active exception"); the log is line-buffered, checkpoints renamed """
+    """ Exits with code. Under torchrun it closes the process group and skips the interpreter's teardown, which
+    gloo's threads can abort ("terminate called without an active exception"). Nothing is lost by skipping it:
+    the log is line-buffered and checkpoints are renamed into place """
     if torch.distributed.is_initialized():
         destroy_process_group()
         sys.stdout.flush()  # stderr is line-buffered
@@ -129,11 +130,12 @@ def exit_process(code):
     sys.exit(code)
 
 def fail(message):
-    """ a user mistake: one line (under torchrun, from the first process to fail), exit 1, nothing written """
+    """ Ends the run on a user mistake: one `error:` line (under torchrun from the first process to fail), exit
+    code 1, nothing written """
     say_error_once(message)
     exit_process(1)
 
-# the processes, the device and the dtype
+# the processes (one, or torchrun's), the device and the dtype
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
 ddp_rank, ddp_local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
 ddp_world_size = int(os.environ.get('WORLD_SIZE', 1))
@@ -168,12 +170,12 @@ try:
 except ValueError as e:
     fail(e)
 
-# various inits, derived attributes, I/O setup
+# the process group, and the precision every forward runs in
 t_start = time.time()  # for the closing line's time in all: setup, steps, evals and saves of this process
 if ddp:
     # gloo beside NCCL on CUDA: an expert-parallel checkpoint gathers through host memory (parallel.gather_experts)
     init_process_group(backend=backend or ('cpu:gloo,cuda:nccl' if device_type == 'cuda' else 'gloo'))
-    # on every way out, errors included: no process group left to die at exit
+    # every way out, errors included, closes the group, so that no process group is left to die at exit
     atexit.register(destroy_process_group)
     gradient_accumulation_steps //= ddp_world_size  # the global count: each process runs its share
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
@@ -182,9 +184,10 @@ ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torc
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 def get_batch(split, it, micro):
-    """ Micro-batch `micro` (counted across all processes) of iteration `it`, a function of (seed, split, it,
-    micro) alone: runs resume exactly, and N processes see the batches of one with N times the gradient
-    accumulation. train.bin / val.bin are uint16 token ids, as data/<dataset>/prepare.py writes them """
+    """ Returns inputs x and targets y (batch_size, block_size) of micro-batch `micro` (counted across all
+    processes) of iteration `it`. They are a function of (seed, split, it, micro) alone, so that runs resume
+    exactly and N processes see the batches of one with N times the gradient accumulation. train.bin and
+    val.bin hold uint16 token ids, as data/<dataset>/prepare.py writes them """
     # a new np.memmap every batch, to avoid a memory leak: https://stackoverflow.com/a/61472122
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
     ix = np.random.default_rng([seed, split == 'val', it, micro]).integers(len(data) - block_size, size=batch_size)
@@ -194,7 +197,7 @@ def get_batch(split, it, micro):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
-# model init, from scratch, a run's checkpoint or GPT-2's weights (upcycled if n_exp > 1): checkpoint.start_model
+# the model, from scratch, a run's checkpoint or GPT-2's weights (upcycled if n_exp > 1): checkpoint.py
 given_model_args = {k: config[k] for k in model_keys if k in given_keys}  # a config file's or --key=value's
 torch.manual_seed(seed)  # an upcycled model's routers
 try:
@@ -212,14 +215,14 @@ if checkpoint is not None:  # a resumed run
     best_val_loss = checkpoint['best_val_loss']
     train_s = checkpoint.get('train_s', 0.0)  # checkpoints of the earlier nanoMoE have none
     saved_optimizer = checkpoint.get('config', {}).get('optimizer', 'adamw')  # nanoGPT's runs: AdamW
-    if optimizer != saved_optimizer:  # its state is the other optimizer's
+    if optimizer != saved_optimizer:  # the saved state is the other optimizer's, which this one cannot load
         fail(f"optimizer='{optimizer}' but {ckpt_path} was trained with '{saved_optimizer}': resume with "
              f"--optimizer={saved_optimizer}, or start a new run from its weights with --init_from={out_dir}")
 model_args = asdict(cfg)  # what the checkpoint needs to build the model again
 # what runs is what the run records (ckpt.pt's config, run.json): the model's keys, given or saved
 config.update({k: model_args[k] for k in model_keys})
 block_size = cfg.block_size
-# the items as tensors x, y, labels (hellaswag.py)
+# the items as the tensors x, y, labels that hellaswag.evaluate scores
 hellaswag_tensors = hellaswag_eval.render(hellaswag_val_items, block_size) if hellaswag else None
 if cfg.n_exp == 1:
     for key, default in moe_defaults.items():
@@ -254,17 +257,16 @@ raw_model = model  # what we save: neither compiled nor wrapped
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # a no-op unless float16
 peak_flops = gpu_peak_flops(device) if device_type == 'cuda' else 0.0  # 0: no MFU
 
-# optimizer
+# the optimizer, and the model compiled and wrapped for DDP
 optimizer = configure_optimizers(model, optimizer, weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
     load_optimizer_state(model, optimizer, scaler, checkpoint)
 checkpoint = weights = None  # free up memory
-
 if compile:
     print("compiling the model... (takes a ~minute)")
     model = torch.compile(model)  # errors surface: nothing is suppressed
-# every expert runs every step (no find_unused_parameters); routers count their own process's tokens: no buffer
-# sync in forward, named forward_sync_buffers from torch 2.13 on (broadcast_buffers, deprecated there, before)
+# Every expert runs every step, so DDP needs no find_unused_parameters. Each router counts its own process's
+# tokens, so DDP syncs no buffers in forward: forward_sync_buffers from torch 2.13 on, broadcast_buffers before.
 if ddp and not fsdp:
     ddp_ignore_experts(model)
     no_sync = next(k for k in ('forward_sync_buffers', 'broadcast_buffers')
@@ -277,10 +279,11 @@ if master_process:
 
 @torch.no_grad()
 def estimate_loss():
-    """ The mean loss of eval_iters batches per split, each process evaluating every ddp_world_size-th batch. One
-    all-reduce gathers the losses: every process gets the means one process computes, and so all decide alike
-    whether to save. Under DDP on the bare module (DDP's forward is for training steps); under FSDP every process
-    runs as many forwards (each gathers the shards), a last one past eval_iters not counted """
+    """ Returns {split: mean loss of eval_iters batches}, with HellaSwag's scores if hellaswag. Each process
+    evaluates every ddp_world_size-th batch and one all-reduce gathers the losses, so that every process gets the
+    means one process computes and all decide alike whether to save. Under DDP it runs the bare module, as DDP's
+    forward is for training steps. Under FSDP every process runs as many forwards (each gathers the shards), and
+    a last one past eval_iters is not counted """
     out = {}
     eval_model = model.module if isinstance(model, DDP) else model
     eval_model.eval()  # eval mode: CE alone, eval capacity, no dropout or router noise
@@ -303,10 +306,11 @@ def estimate_loss():
     return out
 
 def get_lr(it):
-    """ learning rate decay scheduler: linear warmup, then cosine decay down to min_lr at lr_decay_iters """
+    """ Returns the learning rate of iteration it: linear warmup, then cosine decay down to min_lr at
+    lr_decay_iters """
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
-    # >=: the cosine below would end at min_lr too, and 0/0 if warmup_iters == lr_decay_iters
+    # >= rather than >, as the cosine below would divide 0 by 0 where warmup_iters == lr_decay_iters
     if it >= lr_decay_iters:
         return min_lr
     decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
@@ -314,16 +318,17 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 def checkpoint_status():
+    """ Returns which iteration out_dir's checkpoint holds, for the closing and the interrupted lines """
     return f"{ckpt_path} holds iter {saved_iter}" if saved_iter is not None else "no checkpoint yet"
 
 def on_interrupt(signum, frame):
-    """ Ctrl-C, seen by one process or all: every process stops at the next log step (see the loop) """
+    """ Notes a Ctrl-C, seen by one process or all, so that every process stops at the next log step """
     global interrupted
     interrupted = True
 
 def stop_together(code, line, file=sys.stdout):
-    """ End the run where every process decided to, on the same all-reduced values: rank 0 says why while the
-    others wait at a barrier (torchrun stops every process as soon as one exits), then all leave """
+    """ Ends the run where every process decided to, on the same all-reduced values. Rank 0 prints line while
+    the others wait at a barrier, because torchrun stops every process as soon as one exits """
     if master_process:
         print(line, file=file, flush=True)
     if ddp:
@@ -331,12 +336,12 @@ def stop_together(code, line, file=sys.stdout):
     exit_process(code)
 
 def stop_if_not_finite(losses, message):
-    """ a loss gone inf or nan ends the run before anything saves it: the last good checkpoint stays """
+    """ Ends the run if a loss is inf or nan, before anything saves it, so that the last good checkpoint stays """
     if not all(map(math.isfinite, losses)):
         stop_together(1, f"error: {message}; the last good checkpoint is kept. Last logged losses (iter, loss, "
                       f"aux, z): {run_log.recent_losses}", sys.stderr)
 
-# a record of the run next to its log (config, versions, commit), and the log, which rank 0 alone writes
+# the run's record (config, versions, commit) next to its log, both written by rank 0 alone
 log_path = os.path.join(out_dir, 'log.jsonl')
 if master_process and not eval_only:  # an eval leaves the run in out_dir, if any, as it is
     os.makedirs(out_dir, exist_ok=True)
@@ -363,7 +368,7 @@ while True:
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
 
-    # eval and checkpoint, outside the step's dt, at the last iteration too; eval_only evaluates once and stops
+    # evaluate and save at every eval_interval and the last iteration, outside the steps' timing
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         if device_type == 'cuda':
             torch.cuda.synchronize()  # the last step's queued work belongs to its dt, not to the eval
@@ -403,25 +408,23 @@ while True:
     scale = scaler.get_scale()  # 1.0 unless float16
     scaler.step(optimizer)
     scaler.update()
-    if local_iter_num == 0 and master_process:  # what FSDP divides by the number of processes
+    if local_iter_num == 0 and master_process:  # the memory FSDP divides by the number of processes
         local = [t.to_local() if hasattr(t, 'to_local') else t for p in raw_model.parameters()
                  for t in (p, p.grad, *optimizer.state[p].values()) if t is not None]
         megabytes = sum(t.numel() * t.element_size() for t in local) / 2**20
         print(f"weights, gradients and optimizer state: {megabytes:.3f} MiB in this process")
     optimizer.zero_grad(set_to_none=True)  # flush the gradients as soon as we can, no need for this memory anymore
-    # aux-loss-free balancing (DeepSeek-V3) by this step's load, unless the scaler skipped the step (and
-    # lowered its
-    # scale): inf or nan gradients, no weight moved
+    # aux-loss-free balancing (DeepSeek-V3), unless the scaler lowered its scale and so skipped the step
     raw_model.update_routing_bias(skipped=scaler.get_scale() < scale)
 
-    # timing and logging
+    # the step's time, the checks all processes make together, and the log line
     t1 = time.time()
     dt = t1 - t0
     t0 = t1
     train_s += dt
     if iter_num % log_interval == 0:
-        # every process's last micro-batch loss and whether it saw a Ctrl-C, in one all-reduce read at log steps
-        # only (rank 0 logs the loss there): all processes stop at the same iteration, whichever saw the reason
+        # One all-reduce of every process's last micro-batch loss and of whether it saw a Ctrl-C, at log steps
+        # alone, so that all processes stop at the same iteration, whichever of them saw the reason.
         status = torch.zeros(ddp_world_size + 1, device=device)
         status[ddp_rank], status[-1] = loss.detach(), interrupted
         if ddp:
