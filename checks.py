@@ -1,6 +1,7 @@
 """
 What train.py checks of its config, data and out_dir's setup before any work: run_problem returns the first
-mistake as one line naming the fix (train.py says it and exits 1), run_warnings the lines to print and go on.
+mistake as one line naming the fix (train.py says it and exits 1), model_problem the same once the model's
+config is known, run_warnings the lines to print and go on.
 """
 import os
 import netrc
@@ -68,6 +69,19 @@ def run_problem(config, device, device_type, dtype, ddp, world_size, master_proc
     if c.hellaswag and meta is not None:  # the items are text, in GPT-2's tokens
         return (f"hellaswag=True scores a GPT-2 BPE model, but {c.dataset} has its own vocabulary "
                 f"({char_meta_path(data_dir)}): train on a GPT-2 BPE dataset, or leave hellaswag off")
+    return None
+
+
+def model_problem(cfg, ep_size, data_dir, splits):
+    """ The first mistake that shows once the model's GPTConfig cfg is known, as one line naming the fix; None if
+    there is none """
+    for split in splits:
+        path = os.path.join(data_dir, f'{split}.bin')
+        if os.path.getsize(path) // 2 < cfg.block_size + 1:
+            return (f"{path} has {os.path.getsize(path) // 2} tokens, fewer than block_size + 1 = "
+                    f"{cfg.block_size + 1}: use a smaller --block_size or more data")
+    if cfg.n_exp % ep_size != 0:
+        return f"n_exp={cfg.n_exp} is not divisible by ep_size={ep_size}: each process holds n_exp/ep_size experts"
     return None
 
 

@@ -28,7 +28,7 @@ from machine import gpu_peak_flops, pick_device
 from parallel import (split_experts, materialize, ddp_ignore_experts, reduce_expert_grads, clip_grad_norm_,
                       say_error_once)
 from optim import configure_optimizers
-from checks import run_problem, run_warnings
+from checks import run_problem, run_warnings, model_problem
 from checkpoint import (check_run_dirs, saved_settings, start_model, load_optimizer_state, save_checkpoint,
                         trim_log, write_run_record)
 from manager import MANAGER
@@ -228,13 +228,8 @@ if cfg.n_exp == 1:
     for key, default in moe_defaults.items():
         if key in given_model_args and config[key] != default:
             print(f"warning: {key}={config[key]} has no effect with n_exp=1 (a dense model)")
-for split in splits:
-    path = os.path.join(data_dir, f'{split}.bin')
-    if os.path.getsize(path) // 2 < block_size + 1:
-        fail(f"{path} has {os.path.getsize(path) // 2} tokens, fewer than block_size + 1 = {block_size + 1}: "
-             "use a smaller --block_size or more data")
-if cfg.n_exp % ep_size != 0:
-    fail(f"n_exp={cfg.n_exp} is not divisible by ep_size={ep_size}: each process holds n_exp/ep_size experts")
+if (problem := model_problem(cfg, ep_size, data_dir, splits)):
+    fail(problem)
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 dropless = cfg.n_exp > 1 and min(cfg.train_capacity, cfg.eval_capacity) <= 0
 if master_process and dropless and (ep_size > 1 or not use_grouped_mm(torch.device(device), ptdtype, compile,
