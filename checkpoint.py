@@ -18,7 +18,7 @@ from dataclasses import asdict, fields
 import torch
 
 from model import GPT, GPTConfig, DENSE_KEYS, RUN_SETTINGS
-from parallel import whole_experts, my_optimizer_state
+from parallel import gather_experts, local_optimizer_state
 
 # where and how a run runs, not what it is: a resumed run takes these from this command line and the defaults, so
 # that it goes on under another setup (another device or dtype, compiled or not, under DDP, FSDP or expert
@@ -227,11 +227,11 @@ def _param_names(model, optimizer):
 
 def load_optimizer_state(model, optimizer, scaler, checkpoint):
     """ AdamW's and the GradScaler's state from ckpt.pt; under FSDP and expert parallelism each process keeps
-    its part of the whole state (parallel.my_optimizer_state) """
+    its part of the whole state (parallel.local_optimizer_state) """
     kernels = [{k: g[k] for k in ('fused', 'foreach') if k in g} for g in optimizer.param_groups]
     if checkpoint.get('scaler'):  # an empty dict unless the run trains in float16; absent in nanoGPT's format
         scaler.load_state_dict(checkpoint['scaler'])
-    optimizer.load_state_dict(my_optimizer_state(model, optimizer, checkpoint['optimizer']))
+    optimizer.load_state_dict(local_optimizer_state(model, optimizer, checkpoint['optimizer']))
     for group, kernel in zip(optimizer.param_groups, kernels):  # this run's AdamW kernels, not the saved one's
         group.update(kernel)
 
@@ -240,7 +240,7 @@ def save_checkpoint(path, model, optimizer, scaler, fsdp, **run_state):
     """ Rank 0 writes ckpt.pt to a temporary file and renames it over path: a kill mid-write leaves the old one.
     Every process calls this; under FSDP they send their shards to rank 0, which receives the full state on
     the CPU, under expert parallelism their experts """
-    expert_weights, expert_moments = whole_experts(model, optimizer)  # under expert parallelism, from all
+    expert_weights, expert_moments = gather_experts(model, optimizer)  # under expert parallelism, from all
     if fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)

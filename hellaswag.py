@@ -88,8 +88,8 @@ def evaluate(model, data, batch_size, device, autocast, rank=0, world_size=1):
     n, B = len(labels), max(batch_size // 4, 1)
     batches = math.ceil(n / B)
     correct = torch.zeros(2, device=device)  # items right by the summed loss, by the mean loss
-    mine = range(rank, math.ceil(batches / world_size) * world_size, world_size)
-    for b in tqdm(mine, desc="hellaswag", unit='forward', leave=False, disable=rank != 0, delay=2):
+    local_batches = range(rank, math.ceil(batches / world_size) * world_size, world_size)
+    for b in tqdm(local_batches, desc="hellaswag", unit='forward', leave=False, disable=rank != 0, delay=2):
         items = torch.arange(b * B, (b + 1) * B)  # (B,)
         counted = (items < n).to(device)
         items = items.clamp(max=n - 1)

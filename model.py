@@ -189,7 +189,7 @@ def _compute_dtype(x):
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-def experts_elsewhere(experts, x, group):
+def run_remote_experts(experts, x, group):
     """ Expert parallelism (GShard §2.2, Switch §2.3): the n processes of group hold E/n experts each,
     process i experts i*E/n to (i+1)*E/n - 1. x (E*cap, C) is this process's padded layout; one all-to-all
     sends each process the rows of its experts, they run there on cap rows from every process, a second
@@ -263,7 +263,7 @@ class MOELayer(nn.Module):
         sorted_expert, sorted_assignment = torch.sort(topk_idx.t().reshape(-1), stable=True)  # (k*N,), (k*N,)
         expert_end = torch.cumsum(tokens_per_expert, 0)  # (E,) where e's assignments end in sorted_assignment
         expert_start = expert_end - tokens_per_expert  # (E,) and where they start
-        # expert parallelism sends the padded layout, whose splits are equal (experts_elsewhere)
+        # expert parallelism sends the padded layout, whose splits are equal (run_remote_experts)
         compiling = torch.compiler.is_compiling()
         if self.ep_group is None and use_grouped_mm(x.device, _compute_dtype(x), compiling, (C, H)):
             # R = k*N rows in sorted order, expert e's ending at offs[e]. A dropped assignment keeps its
@@ -291,7 +291,7 @@ class MOELayer(nn.Module):
         if self.ep_group is None:
             out = self.experts(x_in, offs, row_expert)  # (R, C)
         else:  # expert parallelism: this process holds some of the experts, the group the others
-            out = experts_elsewhere(self.experts, x_in, self.ep_group)  # (R, C)
+            out = run_remote_experts(self.experts, x_in, self.ep_group)  # (R, C)
 
         # combine: y_t = sum over t's kept assignments of gate * expert output. index_add adds a token's k
         # outputs onto zero: for k = 2 the same sum in any order, on any device
@@ -430,7 +430,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_parameter(self, name, w):
-        """ GPT-2's init of the parameter called name into w, a tensor of its whole shape (parallel.py's init_my_part
+        """ GPT-2's init of the parameter called name into w, a tensor of its whole shape (parallel.materialize
         draws a parameter split over processes whole): normal(0.02), the residual projections' std scaled by
         1/sqrt(2 * n_layer) (GPT-2 §2.3, under Switch init too); zero biases, unit LayerNorm gains. With
         use_switch_tfm_init Switch's init (§2.2) on every other matmul weight, lm_head (tied to wte) too """

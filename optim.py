@@ -45,7 +45,7 @@ def whole_matrices(t):
     return t.reshape(-1, *t.shape[-2:])
 
 
-def my_part(o, p):
+def local_part(o, p):
     """ the orthogonalised o (n, a, b) of whole_matrices(p's momentum), as this process's part of p """
     if hasattr(p, 'full_tensor') and p.dim() == 2:  # the rows of p's FSDP shard, cut locally
         from torch.distributed.tensor import distribute_tensor
@@ -115,7 +115,7 @@ class MuonAdamW(torch.optim.Optimizer):
             scaled_lr = _adjust_lr(lr, group['adjust_lr_fn'], shape)
             for (p, _), o in zip(pairs, ortho.split([len(m) for _, m in pairs])):
                 local(p).mul_(1 - lr * group['weight_decay'])
-                local(p).add_(my_part(o, p), alpha=-scaled_lr)
+                local(p).add_(local_part(o, p), alpha=-scaled_lr)
 
 
 def configure_optimizers(model, optimizer, weight_decay, learning_rate, betas, device_type):

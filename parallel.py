@@ -3,7 +3,7 @@ Expert parallelism (GShard §2.2, Switch §2.3) beside DDP or FSDP, under torchr
 $ torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char_moe.py --ep_size=2
 The processes form groups of ep_size consecutive ranks (one node's GPUs first). Each process of a group holds
 n_exp/ep_size experts of every MoE layer, the group all of them once; the tokens travel to their experts
-(model.experts_elsewhere). The other weights are DDP's or FSDP's, as without it. An expert's gradient holds
+(model.run_remote_experts). The other weights are DDP's or FSDP's, as without it. An expert's gradient holds
 the tokens of its whole group (the all-to-all's backward brings them); the processes holding the same experts,
 one per group, sum theirs. Checkpoints hold the experts whole, as every other run's do.
 """
@@ -36,7 +36,7 @@ def parallel_setup_problem(fsdp, ep_size, ddp, world_size, dtype, backend):
     if ep_size > 1 and dtype == 'float16':
         return ("ep_size > 1 does not train in float16 (its GradScaler would see only this process's experts' "
                 "gradients): use --dtype=bfloat16 or float32")
-    if ep_size > 1 and backend and 'gloo' not in backend:  # whole_experts gathers on the CPU
+    if ep_size > 1 and backend and 'gloo' not in backend:  # gather_experts sends through host memory
         return (f"ep_size > 1 saves its experts through host memory, which backend='{backend}' cannot send: "
                 "leave backend empty, or add gloo (--backend=cpu:gloo,cuda:nccl)")
     return None
@@ -135,7 +135,7 @@ def whole_shape(model, p):
     return p.shape
 
 
-def my_part(model, p, whole):
+def local_part(model, p, whole):
     """ this process's part of whole, a tensor of parameter p's whole shape: its rows of FSDP's shard, its
     experts under expert parallelism, else all of it. A view: nothing is copied """
     if hasattr(p, 'device_mesh'):  # FSDP2 shards dim 0 (Shard(0)) in torch.chunk's blocks of rows
@@ -166,23 +166,23 @@ def materialize(model, device, weights, source):
     for name, p in model.named_parameters():
         whole = torch.empty(whole_shape(model, p), device=_local(p).device)
         model.init_parameter(name, whole)
-        _local(p).copy_(my_part(model, p, whole))
+        _local(p).copy_(local_part(model, p, whole))
     for b in model.buffers():  # the aux-free routing bias and its step load
         b.zero_()
-    mine = model.state_dict(keep_vars=True)
+    tensors = model.state_dict(keep_vars=True)
     if weights is not None:
-        wrong = [k for k, t in mine.items() if k not in weights or weights[k].shape != whole_shape(model, t)]
-        wrong += sorted(set(weights) - set(mine))
+        wrong = [k for k, t in tensors.items() if k not in weights or weights[k].shape != whole_shape(model, t)]
+        wrong += sorted(set(weights) - set(tensors))
         if wrong:
             raise ValueError(f"{source} does not hold this model's weights: {', '.join(wrong)[:200]}")
-        for name, t in mine.items():
-            _local(t).copy_(my_part(model, t, weights[name]))
+        for name, t in tensors.items():
+            _local(t).copy_(local_part(model, t, weights[name]))
     here = torch.empty(0, device=device).device  # 'cuda' with its index
     misplaced = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device != here]
     assert not misplaced, f"not on {here}: {misplaced}"  # a tensor that setup did not place stays on 'meta'
 
 
-def my_optimizer_state(model, optimizer, saved):
+def local_optimizer_state(model, optimizer, saved):
     """ a checkpoint's optimizer state (optimizer.state_dict()'s layout, every tensor whole) with each state
     tensor shaped like its parameter whole (AdamW's moments) cut to this process's part, on its device; others
     (AdamW's step) as saved """
@@ -191,7 +191,7 @@ def my_optimizer_state(model, optimizer, saved):
     def part(p, v):
         if not torch.is_tensor(v) or v.shape != whole_shape(model, p):
             return v
-        v = my_part(model, p, v).to(_local(p).device, copy=True)  # a copy: the memory map can close
+        v = local_part(model, p, v).to(_local(p).device, copy=True)  # a copy: the memory map can close
         if hasattr(p, 'device_mesh'):
             return type(p).from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
         return v
@@ -199,7 +199,7 @@ def my_optimizer_state(model, optimizer, saved):
     return {**saved, 'state': state}
 
 
-def whole_experts(model, optimizer):
+def gather_experts(model, optimizer):
     """ Under expert parallelism, for rank 0 to write: {name: expert weight} and {name: its optimizer state},
     whole; else ({}, {}). The processes of rank 0's EP group send it their experts through host memory, one
     tensor at a time, and the state tensors shaped like them (AdamW's moments; its step is the same

@@ -9,15 +9,12 @@ On several nodes, see the README's Scaling section.
 
 import os
 import sys
-import json
 import math
 import inspect
 import time
-import netrc
 import atexit
 import signal
 import warnings
-import importlib.util
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
@@ -28,14 +25,16 @@ from torch.distributed import init_process_group, destroy_process_group
 
 from model import GPTConfig, GPT, DENSE_KEYS, use_grouped_mm
 from machine import gpu_peak_flops, pick_device
-from parallel import (parallel_setup_problem, split_experts, materialize, ddp_ignore_experts,
-                      reduce_expert_grads, clip_grad_norm_, say_error_once)
+from parallel import (split_experts, materialize, ddp_ignore_experts, reduce_expert_grads, clip_grad_norm_,
+                      say_error_once)
 from optim import configure_optimizers
+from checks import run_problem, run_warnings, model_problem
 from checkpoint import (check_run_dirs, saved_settings, start_model, load_optimizer_state, save_checkpoint,
                         trim_log, write_run_record)
 from manager import MANAGER
+from runlog import RunLog
 from tokenizer import dataset_dir, char_meta_path, load_char_meta
-import hellaswag as hs
+import hellaswag as hellaswag_eval
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -49,7 +48,7 @@ eval_only = False  # if True, evaluate once (also a resumed run) and exit: no tr
 always_save_checkpoint = True  # if True, always save a checkpoint after each eval
 hellaswag = False  # if True, each eval also scores HellaSwag (hellaswag.py), for GPT-2 BPE models
 hellaswag_items = 0  # HellaSwag items each eval scores; 0: all 10,042
-# 'scratch', 'resume', 'gpt2*', a GPT-2 dir, or a run's out_dir (its weights); n_exp > 1 upcycles a dense one
+# 'scratch', 'resume', 'gpt2*', a GPT-2 dir, or a run's out_dir (its weights), a dense one upcycled if n_exp > 1
 init_from = 'scratch'
 # wandb logging
 wandb_log = False  # disabled by default
@@ -57,7 +56,7 @@ wandb_project = 'owt'
 wandb_run_name = 'gpt2'  # 'run' + str(time.time())
 # data
 dataset = 'openwebtext'  # reads data/<dataset>/train.bin, val.bin (and meta.json if there)
-gradient_accumulation_steps = 5 * 8  # used to simulate larger batch sizes; divided by the world size
+gradient_accumulation_steps = 5 * 8  # micro-steps per iteration over all processes, to simulate a larger batch
 batch_size = 12  # micro-batch size, sequences per forward
 block_size = 1024  # context length, tokens
 seed = 1337  # batches, dropout and router noise are functions of (seed, iteration, rank)
@@ -111,7 +110,7 @@ compile = torch.cuda.is_available()  # use PyTorch 2.0 to compile the model to b
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 model_keys = [f.name for f in fields(GPTConfig) if f.name in globals()]  # all but vocab_size, which the data sets
 moe_defaults = {k: globals()[k] for k in model_keys if k not in DENSE_KEYS}  # the keys only an MoE model reads
-# under torchrun rank 0 alone prints the config, the setup, warnings and the log (errors: see fail)
+# under torchrun rank 0 alone prints the config, the setup, the warnings and the log (fail prints errors)
 if int(os.environ.get('RANK', 0)) != 0:
     sys.stdout = open(os.devnull, 'w')
     warnings.simplefilter('ignore')
@@ -120,9 +119,10 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 config = {k: globals()[k] for k in config_keys}  # will be useful for logging
 # -----------------------------------------------------------------------------
 
-def leave(code):
-    """ Exit. Under torchrun, close the process group and skip the interpreter's teardown, which gloo's threads
-    can abort ("terminate called without an active exception"); the log is line-buffered, checkpoints renamed """
+def exit_process(code):
+    """ Exits with code. Under torchrun it closes the process group and skips the interpreter's teardown, which
+    gloo's threads can abort ("terminate called without an active exception"). Nothing is lost by skipping it:
+    the log is line-buffered and checkpoints are renamed into place """
     if torch.distributed.is_initialized():
         destroy_process_group()
         sys.stdout.flush()  # stderr is line-buffered
@@ -130,23 +130,12 @@ def leave(code):
     sys.exit(code)
 
 def fail(message):
-    """ a user mistake: one line (under torchrun, from the first process to fail), exit 1, nothing written """
+    """ Ends the run on a user mistake: one `error:` line (under torchrun from the first process to fail), exit
+    code 1, nothing written """
     say_error_once(message)
-    leave(1)
+    exit_process(1)
 
-def wandb_cannot_log():
-    """ why wandb.init would fail, or '': offline, from WANDB_MODE, WANDB_API_KEY and wandb login's ~/.netrc """
-    if importlib.util.find_spec('wandb') is None:
-        return "wandb is not installed: pip install wandb"
-    host = os.environ.get('WANDB_BASE_URL', 'https://api.wandb.ai').split('//')[-1].split('/')[0]
-    path = os.environ.get('NETRC') or os.path.expanduser('~/.netrc')
-    if os.environ.get('WANDB_MODE') in ('offline', 'disabled') or os.environ.get('WANDB_API_KEY') or \
-            (os.path.exists(path) and netrc.netrc(path).authenticators(host)):
-        return ""
-    return f"wandb is not logged in (no WANDB_API_KEY, no {host} in {path}): run `wandb login`, " \
-        "or set WANDB_MODE=offline"
-
-# the processes, the device and the dtype
+# the processes (one, or torchrun's), the device and the dtype
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
 ddp_rank, ddp_local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
 ddp_world_size = int(os.environ.get('WORLD_SIZE', 1))
@@ -157,7 +146,7 @@ if ddp and device_type == 'cuda' and torch.cuda.is_available():
     torch.cuda.set_device(device)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
-# validate the config, the data and out_dir before any work: one line naming the problem and the fix
+# the config, the data and out_dir, checked before any work (checks.py): one line naming the problem and the fix
 try:
     check_run_dirs(init_from, out_dir, eval_only)
     if init_from == 'resume':  # the run goes on as it was set up, but for what is given now
@@ -167,65 +156,26 @@ try:
     meta = load_char_meta(data_dir)  # None: GPT-2's BPE
 except ValueError as e:
     fail(e)
-for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval'):
-    if config[key] < 1:
-        fail(f"{key}={config[key]} must be >= 1")
-if seed < 0:
-    fail(f"seed={seed} must be >= 0 (numpy seeds the batches with it)")
-if optimizer not in ('adamw', 'muon'):
-    fail(f"optimizer='{optimizer}' is not 'adamw' or 'muon'")
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    fail(f"dtype='{dtype}' is not one of float32, bfloat16, float16 ('' picks one for the device)")
-if device_type == 'cuda' and not torch.cuda.is_available():
-    fail(f"device='{device}' but torch finds no CUDA GPU: use --device=cpu, or leave device empty to pick")
-if (problem := parallel_setup_problem(fsdp, ep_size, ddp, ddp_world_size, dtype, backend)):
-    fail(problem)
-if gradient_accumulation_steps % ddp_world_size != 0:
-    fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the {ddp_world_size} "
-         f"processes: it counts the micro-steps of all of them; add --gradient_accumulation_steps="
-         f"{-(-gradient_accumulation_steps // ddp_world_size) * ddp_world_size} (or another multiple)")
-if wandb_log and master_process and (problem := wandb_cannot_log()):
-    fail(f"wandb_log=True but {problem}; or pass --wandb_log=False")
-if not os.path.isdir(data_dir):
-    names = sorted(d for d in os.listdir('data') if os.path.isdir(f'data/{d}') and d[0] not in '._') \
-        if os.path.isdir('data') else []
-    fail(f"no dataset '{dataset}' in data/ (it has {', '.join(names)}): pick one, or prepare yours into data/{dataset}/"
-         if names else f"there is no data/ directory in {os.getcwd()}: run train.py from the repository root")
-# an eval evaluates the splits there are: with hellaswag=True and no data set prepared, HellaSwag alone
 splits = [s for s in ('train', 'val') if os.path.exists(os.path.join(data_dir, f'{s}.bin'))]
-for split in ('train', 'val'):
-    path = os.path.join(data_dir, f'{split}.bin')
-    if split not in splits and not (eval_only and (splits or hellaswag)):
-        prepare = f"data/{dataset}/prepare.py" if os.path.exists(f'{data_dir}/prepare.py') else \
-            f"data/openwebtext/prepare.py --input=<your documents> --out_dir={data_dir}"
-        fail(f"{path} not found: run python {prepare} first")
-    # too few val tokens: a noisy val loss, that overfits to them
-    if split == 'val' and split in splits and os.path.getsize(path) // 2 < 10_000:
-        print(f"warning: {path} holds only {os.path.getsize(path) // 2:,} tokens, too few for a steady val "
-              "loss: prepare more data, to hold 10,000 or more")
-if decay_lr and not eval_only and warmup_iters >= max_iters:
-    print(f"warning: warmup_iters={warmup_iters} >= max_iters={max_iters}: the learning rate never leaves "
-          "warm-up (set a smaller --warmup_iters)")
-if decay_lr and not eval_only and not 0.5 * max_iters <= lr_decay_iters <= 1.1 * max_iters:
-    print(f"warning: lr_decay_iters={lr_decay_iters} is far from max_iters={max_iters}: the cosine decay ends "
-          f"{'after' if lr_decay_iters > max_iters else 'long before'} the run (set --lr_decay_iters={max_iters})")
+if (problem := run_problem(config, device, device_type, dtype, ddp, ddp_world_size, master_process, data_dir,
+                           splits, meta)):
+    fail(problem)
+for line in run_warnings(config, data_dir, splits):
+    print(line)
 meta_vocab_size, meta_path = (meta['vocab_size'], char_meta_path(data_dir)) if meta else (None, None)
 if meta is not None:
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
-if hellaswag and meta is not None:  # the items are text, in GPT-2's tokens
-    fail(f"hellaswag=True scores a GPT-2 BPE model, but {dataset} has its own vocabulary "
-         f"({meta_path}): train on a GPT-2 BPE dataset, or leave hellaswag off")
 try:
-    hs_items = hs.read_items(hs.PATH, hellaswag_items) if hellaswag else None
+    hellaswag_val_items = hellaswag_eval.read_items(hellaswag_eval.PATH, hellaswag_items) if hellaswag else None
 except ValueError as e:
     fail(e)
 
-# various inits, derived attributes, I/O setup
+# the process group, and the precision every forward runs in
 t_start = time.time()  # for the closing line's time in all: setup, steps, evals and saves of this process
 if ddp:
-    # on CUDA gloo beside NCCL: the expert-parallel checkpoint gathers through host memory (parallel.whole_experts)
+    # gloo beside NCCL on CUDA: an expert-parallel checkpoint gathers through host memory (parallel.gather_experts)
     init_process_group(backend=backend or ('cpu:gloo,cuda:nccl' if device_type == 'cuda' else 'gloo'))
-    # on every way out, errors included: no process group left to die at exit
+    # every way out, errors included, closes the group, so that no process group is left to die at exit
     atexit.register(destroy_process_group)
     gradient_accumulation_steps //= ddp_world_size  # the global count: each process runs its share
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
@@ -234,9 +184,10 @@ ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torc
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 def get_batch(split, it, micro):
-    """ Micro-batch `micro` (counted across all processes) of iteration `it`, a function of (seed, split, it,
-    micro) alone: runs resume exactly, and N processes see the batches of one with N times the gradient
-    accumulation. train.bin / val.bin are uint16 token ids, as data/<dataset>/prepare.py writes them """
+    """ Returns inputs x and targets y (batch_size, block_size) of micro-batch `micro` (counted across all
+    processes) of iteration `it`. They are a function of (seed, split, it, micro) alone, so that runs resume
+    exactly and N processes see the batches of one with N times the gradient accumulation. train.bin and
+    val.bin hold uint16 token ids, as data/<dataset>/prepare.py writes them """
     # a new np.memmap every batch, to avoid a memory leak: https://stackoverflow.com/a/61472122
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
     ix = np.random.default_rng([seed, split == 'val', it, micro]).integers(len(data) - block_size, size=batch_size)
@@ -246,12 +197,12 @@ def get_batch(split, it, micro):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
-# model init, from scratch, a run's checkpoint or GPT-2's weights (upcycled if n_exp > 1): checkpoint.start_model
-given = {k: config[k] for k in model_keys if k in given_keys}  # those a config file or the command line set
+# the model, from scratch, a run's checkpoint or GPT-2's weights (upcycled if n_exp > 1): checkpoint.py
+given_model_args = {k: config[k] for k in model_keys if k in given_keys}  # a config file's or --key=value's
 torch.manual_seed(seed)  # an upcycled model's routers
 try:
-    cfg, weights, checkpoint = start_model(init_from, out_dir, {k: config[k] for k in model_keys}, given,
-                                           meta_vocab_size)
+    cfg, weights, checkpoint = start_model(init_from, out_dir, {k: config[k] for k in model_keys},
+                                           given_model_args, meta_vocab_size)
     if meta_vocab_size is not None and meta_vocab_size != cfg.vocab_size:
         raise ValueError(f"{meta_path} has a vocabulary of {meta_vocab_size} tokens but the model has "
                          f"{cfg.vocab_size}: prepare the data with the model's tokenizer")
@@ -264,25 +215,21 @@ if checkpoint is not None:  # a resumed run
     best_val_loss = checkpoint['best_val_loss']
     train_s = checkpoint.get('train_s', 0.0)  # checkpoints of the earlier nanoMoE have none
     saved_optimizer = checkpoint.get('config', {}).get('optimizer', 'adamw')  # nanoGPT's runs: AdamW
-    if optimizer != saved_optimizer:  # its state is the other optimizer's
+    if optimizer != saved_optimizer:  # the saved state is the other optimizer's, which this one cannot load
         fail(f"optimizer='{optimizer}' but {ckpt_path} was trained with '{saved_optimizer}': resume with "
              f"--optimizer={saved_optimizer}, or start a new run from its weights with --init_from={out_dir}")
 model_args = asdict(cfg)  # what the checkpoint needs to build the model again
 # what runs is what the run records (ckpt.pt's config, run.json): the model's keys, given or saved
 config.update({k: model_args[k] for k in model_keys})
 block_size = cfg.block_size
-hs_data = hs.render(hs_items, block_size) if hellaswag else None  # tensors x, y, labels: see hellaswag.py
+# the items as the tensors x, y, labels that hellaswag.evaluate scores
+hellaswag_tensors = hellaswag_eval.render(hellaswag_val_items, block_size) if hellaswag else None
 if cfg.n_exp == 1:
     for key, default in moe_defaults.items():
-        if key in given and config[key] != default:
+        if key in given_model_args and config[key] != default:
             print(f"warning: {key}={config[key]} has no effect with n_exp=1 (a dense model)")
-for split in splits:
-    path = os.path.join(data_dir, f'{split}.bin')
-    if os.path.getsize(path) // 2 < block_size + 1:
-        fail(f"{path} has {os.path.getsize(path) // 2} tokens, fewer than block_size + 1 = {block_size + 1}: "
-             "use a smaller --block_size or more data")
-if cfg.n_exp % ep_size != 0:
-    fail(f"n_exp={cfg.n_exp} is not divisible by ep_size={ep_size}: each process holds n_exp/ep_size experts")
+if (problem := model_problem(cfg, ep_size, data_dir, splits)):
+    fail(problem)
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 dropless = cfg.n_exp > 1 and min(cfg.train_capacity, cfg.eval_capacity) <= 0
 if master_process and dropless and (ep_size > 1 or not use_grouped_mm(torch.device(device), ptdtype, compile,
@@ -305,17 +252,16 @@ raw_model = model  # what we save: neither compiled nor wrapped
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # a no-op unless float16
 peak_flops = gpu_peak_flops(device) if device_type == 'cuda' else 0.0  # 0: no MFU
 
-# optimizer
+# the optimizer, and the model compiled and wrapped for DDP
 optimizer = configure_optimizers(model, optimizer, weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
     load_optimizer_state(model, optimizer, scaler, checkpoint)
 checkpoint = weights = None  # free up memory
-
 if compile:
     print("compiling the model... (takes a ~minute)")
     model = torch.compile(model)  # errors surface: nothing is suppressed
-# every expert runs every step (no find_unused_parameters); routers count their own process's tokens: no buffer
-# sync in forward, named forward_sync_buffers from torch 2.13 on (broadcast_buffers, deprecated there, before)
+# Every expert runs every step, so DDP needs no find_unused_parameters. Each router counts its own process's
+# tokens, so DDP syncs no buffers in forward: forward_sync_buffers from torch 2.13 on, broadcast_buffers before.
 if ddp and not fsdp:
     ddp_ignore_experts(model)
     no_sync = next(k for k in ('forward_sync_buffers', 'broadcast_buffers')
@@ -328,10 +274,11 @@ if master_process:
 
 @torch.no_grad()
 def estimate_loss():
-    """ The mean loss of eval_iters batches per split, each process evaluating every ddp_world_size-th batch. One
-    all-reduce gathers the losses: every process gets the means one process computes, and so all decide alike
-    whether to save. Under DDP on the bare module (DDP's forward is for training steps); under FSDP every process
-    runs as many forwards (each gathers the shards), a last one past eval_iters not counted """
+    """ Returns {split: mean loss of eval_iters batches}, with HellaSwag's scores if hellaswag. Each process
+    evaluates every ddp_world_size-th batch and one all-reduce gathers the losses, so that every process gets the
+    means one process computes and all decide alike whether to save. Under DDP it runs the bare module, as DDP's
+    forward is for training steps. Under FSDP every process runs as many forwards (each gathers the shards), and
+    a last one past eval_iters is not counted """
     out = {}
     eval_model = model.module if isinstance(model, DDP) else model
     eval_model.eval()  # eval mode: CE alone, eval capacity, no dropout or router noise
@@ -348,15 +295,17 @@ def estimate_loss():
             torch.distributed.all_reduce(losses)  # each batch's loss plus zeros: exact
         out[split] = losses.mean().item()
     if hellaswag:
-        out.update(hs.evaluate(eval_model, hs_data, batch_size, device, ctx, ddp_rank, ddp_world_size))
+        out.update(hellaswag_eval.evaluate(eval_model, hellaswag_tensors, batch_size, device, ctx, ddp_rank,
+                                           ddp_world_size))
     eval_model.train()
     return out
 
 def get_lr(it):
-    """ learning rate decay scheduler: linear warmup, then cosine decay down to min_lr at lr_decay_iters """
+    """ Returns the learning rate of iteration it: linear warmup, then cosine decay down to min_lr at
+    lr_decay_iters """
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
-    # >=: the cosine below would end at min_lr too, and 0/0 if warmup_iters == lr_decay_iters
+    # >= rather than >, as the cosine below would divide 0 by 0 where warmup_iters == lr_decay_iters
     if it >= lr_decay_iters:
         return min_lr
     decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
@@ -364,72 +313,48 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 def checkpoint_status():
+    """ Returns which iteration out_dir's checkpoint holds, for the closing and the interrupted lines """
     return f"{ckpt_path} holds iter {saved_iter}" if saved_iter is not None else "no checkpoint yet"
 
 def on_interrupt(signum, frame):
-    """ Ctrl-C, seen by one process or all: every process stops at the next log step (see the loop) """
+    """ Notes a Ctrl-C, seen by one process or all, so that every process stops at the next log step """
     global interrupted
     interrupted = True
 
 def stop_together(code, line, file=sys.stdout):
-    """ End the run where every process decided to, on the same all-reduced values: rank 0 says why while the
-    others wait at a barrier (torchrun stops every process as soon as one exits), then all leave """
+    """ Ends the run where every process decided to, on the same all-reduced values. Rank 0 prints line while
+    the others wait at a barrier, because torchrun stops every process as soon as one exits """
     if master_process:
         print(line, file=file, flush=True)
     if ddp:
         torch.distributed.barrier()
-    leave(code)
+    exit_process(code)
 
 def stop_if_not_finite(losses, message):
-    """ a loss gone inf or nan ends the run before anything saves it: the last good checkpoint stays """
+    """ Ends the run if a loss is inf or nan, before anything saves it, so that the last good checkpoint stays """
     if not all(map(math.isfinite, losses)):
         stop_together(1, f"error: {message}; the last good checkpoint is kept. Last logged losses (iter, loss, "
-                      f"aux, z): {recent_losses}", sys.stderr)
+                      f"aux, z): {run_log.recent_losses}", sys.stderr)
 
-def log(record, line, wandb_stats):
-    """ one log line on stdout, its record in log.jsonl (if this run keeps one), and the same numbers in wandb """
-    print(line)
-    if log_file is not None:
-        log_file.write(json.dumps(record) + '\n')
-    if wandb_log:
-        wandb.log(wandb_stats)
-
-def step_line(r):
-    """ a training step's log line, from its record r """
-    line = f"iter {r['iter']}: loss {r['loss']:.4f}"
-    if 'routing' in r:
-        line += f", aux {r['aux']:.3f}" if cfg.use_aux_loss else ""
-        line += f", z {r['z']:.3f}" if cfg.use_router_z_loss else ""
-        line += f", drop {r['drop'] * 100:.1f}%, top {r['top_share'] * 100:.0f}%"
-    line += f", {r['dt_ms']:.1f}ms, {tokens_per_iter / r['dt_ms']:.1f}k tok/s"
-    line += f", mfu {running_mfu * 100:.1f}%" if running_mfu > 0 else ""
-    if dt_avg is not None:
-        eta = (max_iters - r['iter']) * dt_avg
-        line += ", eta " + (f"{eta / 3600:.1f}h" if eta > 3600 else f"{eta / 60:.1f}m" if eta > 60 else f"{eta:.0f}s")
-    return line
-
-# a record of the run next to its log (config, versions, commit), and the log
-if master_process:
-    log_path = os.path.join(out_dir, 'log.jsonl')
-    if not eval_only:  # an eval leaves the run in out_dir, if any, as it is
-        os.makedirs(out_dir, exist_ok=True)
-        write_run_record(out_dir, config=config, model_args=model_args, world_size=ddp_world_size, device=device,
-                         dtype=dtype)
-        trim_log(log_path, iter_num)
-    # line-buffered: every record is on disk when written. A log holds one run's records: the eval of another model
-    # than the run in out_dir is printed only
-    log_file = open(log_path, 'a', buffering=1) if init_from == 'resume' or not eval_only else None
-    if wandb_log:
-        import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+# the run's record (config, versions, commit) next to its log, both written by rank 0 alone
+log_path = os.path.join(out_dir, 'log.jsonl')
+if master_process and not eval_only:  # an eval leaves the run in out_dir, if any, as it is
+    os.makedirs(out_dir, exist_ok=True)
+    write_run_record(out_dir, config=config, model_args=model_args, world_size=ddp_world_size, device=device,
+                     dtype=dtype)
+    trim_log(log_path, iter_num)
+# a log holds one run's records: the eval of another model than the run in out_dir is printed only
+keeps_log = master_process and (init_from == 'resume' or not eval_only)
+run_log = RunLog(log_path if keeps_log else None, iter_num, max_iters, tokens_per_iter, cfg.use_aux_loss,
+                 cfg.use_router_z_loss)
+if master_process and wandb_log:
+    run_log.start_wandb(project=wandb_project, name=wandb_run_name, config=config)
 interrupted = False
 signal.signal(signal.SIGINT, on_interrupt)
 
 # training loop
 t0 = time.time()
 local_iter_num = 0  # number of iterations in the lifetime of this process
-running_mfu, dt_avg = -1.0, None  # running averages of MFU and of the step time, once the loop has settled
-recent_losses = []  # the last few logged (iter, loss, aux, z), reported if the loss blows up
 while True:
     # dropout and router noise draw from an RNG seeded by (seed, rank, iteration): resume is exact
     torch.manual_seed(seed + 1_000_003 * iter_num + ddp_rank)
@@ -438,7 +363,7 @@ while True:
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
 
-    # eval and checkpoint, outside the step's dt, at the last iteration too; eval_only evaluates once and stops
+    # evaluate and save at every eval_interval and the last iteration, outside the steps' timing
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         if device_type == 'cuda':
             torch.cuda.synchronize()  # the last step's queued work belongs to its dt, not to the eval
@@ -446,11 +371,7 @@ while True:
         losses = estimate_loss()
         stop_if_not_finite([losses[s] for s in splits], f"eval loss is {losses} at iter {iter_num}")
         if master_process:
-            scores = {k: v for k, v in losses.items() if k.startswith('hellaswag')}  # {} unless hellaswag
-            line = ", ".join([f"{s} loss {losses[s]:.4f}" for s in splits] + hs.line(scores))
-            log(dict(iter=iter_num, **{f'{s}_loss': losses[s] for s in splits}, lr=lr, train_s=train_s, **scores),
-                f"step {iter_num}: {line}", {"iter": iter_num, **{f"{s}/loss": losses[s] for s in splits}, "lr": lr,
-                                            "mfu": running_mfu * 100, **scores})
+            run_log.eval(iter_num, losses, lr, train_s)
         if not eval_only and (losses['val'] < best_val_loss or always_save_checkpoint):
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0:
@@ -482,25 +403,23 @@ while True:
     scale = scaler.get_scale()  # 1.0 unless float16
     scaler.step(optimizer)
     scaler.update()
-    if local_iter_num == 0 and master_process:  # what FSDP divides by the number of processes
+    if local_iter_num == 0 and master_process:  # the memory FSDP divides by the number of processes
         local = [t.to_local() if hasattr(t, 'to_local') else t for p in raw_model.parameters()
                  for t in (p, p.grad, *optimizer.state[p].values()) if t is not None]
         megabytes = sum(t.numel() * t.element_size() for t in local) / 2**20
         print(f"weights, gradients and optimizer state: {megabytes:.3f} MiB in this process")
     optimizer.zero_grad(set_to_none=True)  # flush the gradients as soon as we can, no need for this memory anymore
-    # aux-loss-free balancing (DeepSeek-V3) by this step's load, unless the scaler skipped the step (and
-    # lowered its
-    # scale): inf or nan gradients, no weight moved
+    # aux-loss-free balancing (DeepSeek-V3), unless the scaler lowered its scale and so skipped the step
     raw_model.update_routing_bias(skipped=scaler.get_scale() < scale)
 
-    # timing and logging
+    # the step's time, the checks all processes make together, and the log line
     t1 = time.time()
     dt = t1 - t0
     t0 = t1
     train_s += dt
     if iter_num % log_interval == 0:
-        # every process's last micro-batch loss and whether it saw a Ctrl-C, in one all-reduce read at log steps
-        # only (rank 0 logs the loss there): all processes stop at the same iteration, whichever saw the reason
+        # One all-reduce of every process's last micro-batch loss and of whether it saw a Ctrl-C, at log steps
+        # alone, so that all processes stop at the same iteration, whichever of them saw the reason.
         status = torch.zeros(ddp_world_size + 1, device=device)
         status[ddp_rank], status[-1] = loss.detach(), interrupted
         if ddp:
@@ -509,22 +428,14 @@ while True:
         step_losses = [x * gradient_accumulation_steps for x in step_losses]  # scaled back up
         stop_if_not_finite(step_losses, f"loss is {step_losses if ddp else step_losses[0]} at iter {iter_num}")
         if interrupts:
-            stop_together(130, f"\ninterrupted at iter {iter_num}: {checkpoint_status()}; " + (
-                f"continue with --init_from=resume --out_dir={out_dir}" if saved_iter is not None else "start it again"))
+            how_to_go_on = f"continue with --init_from=resume --out_dir={out_dir}" if saved_iter is not None else \
+                "start it again"
+            stop_together(130, f"\ninterrupted at iter {iter_num}: {checkpoint_status()}; {how_to_go_on}")
     if iter_num % log_interval == 0 and master_process:
-        record = dict(iter=iter_num, loss=step_losses[0], lr=lr, dt_ms=dt * 1000, train_s=train_s,
-                      **MANAGER.log_record())
-        aux, z = record.get('aux', 0.0), record.get('z', 0.0)
-        recent_losses = (recent_losses + [(iter_num, round(record['loss'], 4), round(aux, 4), round(z, 4))])[-5:]
-        if local_iter_num >= 5:  # let the training loop settle a bit
-            dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
-            if peak_flops:
-                mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
-                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-        log(record, step_line(record), {"iter": iter_num, "train/loss_step": record['loss'], "lr": lr,
-            **{f"moe/{k}": record[k] for k in ('aux', 'z', 'drop', 'top_share') if k in record},
-            **{f"load/layer{layer}/expert{e}": share for layer, (shares, _) in record.get('routing', {}).items()
-               for e, share in enumerate(shares)}})
+        fwdbwd_per_iter = batch_size * gradient_accumulation_steps
+        mfu = raw_model.estimate_mfu(fwdbwd_per_iter, dt, peak_flops) if peak_flops else None
+        run_log.step(dict(iter=iter_num, loss=step_losses[0], lr=lr, dt_ms=dt * 1000, train_s=train_s,
+                          **MANAGER.log_record()), dt, mfu)
     iter_num += 1
     local_iter_num += 1
     if iter_num > max_iters:
@@ -534,8 +445,7 @@ if master_process:
     if not eval_only:
         print(f"best val loss {best_val_loss:.4f}; {checkpoint_status()}; {train_s:.0f} s of training steps, "
               f"{time.time() - t_start:.0f} s in all")
-    if wandb_log:
-        wandb.finish()
+    run_log.close()
 if ddp:
     torch.distributed.barrier()  # the processes leave together
-leave(0)
+exit_process(0)

@@ -90,7 +90,7 @@ def test_ep_resumes_across_one_process_and_samples(workdir):
 
 
 def test_ep_checkpoint_sends_the_experts_to_rank_0_alone(monkeypatch):
-    """ whole_experts on each of 4 processes with ep_size=2, torch.distributed replaced by a stand-in that runs
+    """ gather_experts on each of 4 processes with ep_size=2, torch.distributed replaced by a stand-in that runs
     their collectives in one process and fails on any but gather: only rank 0's EP group (ranks 0, 1) sends,
     from the CPU, to rank 0 alone, which gets every expert and every optimizer state tensor shaped like one whole
     (AdamW's moments, and a momentum like Muon's) """
@@ -127,7 +127,7 @@ def test_ep_checkpoint_sends_the_experts_to_rank_0_alone(monkeypatch):
                     setattr(layer.experts, name, torch.nn.Parameter(p.detach().chunk(2)[rank % 2].clone()))
         optimizer = SimpleNamespace(state={p: state(p) for p in model.parameters()})
         monkeypatch.setattr(parallel, 'dist', fake)
-        weights, states = parallel.whole_experts(model, optimizer)
+        weights, states = parallel.gather_experts(model, optimizer)
         assert len(fake.sent) == (0 if rank >= 2 else 2 * 4 * 4)  # 2 layers: 4 expert tensors, 3 states of each
         if rank != 0:
             assert weights == {} and states == {}

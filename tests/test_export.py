@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TIKTOKEN_CACHE, generated_text, needs_gpt2_bpe
-import hellaswag as hs
+import hellaswag
 from checkpoint import load_checkpoint, load_weights, model_from_checkpoint
 from model import GPT, GPTConfig
 from tokenizer import load_char_meta
@@ -264,9 +264,9 @@ def test_sample_py_init_from_an_exported_dir_decodes_with_its_tokenizer(exported
 def test_lm_eval_acc_equals_hellaswag_acc_item_by_item(exported):
     _, _, runs, hf = exported
     model = runs['moe_bpe']['model']
-    x, y, labels = hs.render(ITEMS, model.config.block_size)
+    x, y, labels = hellaswag.render(ITEMS, model.config.block_size)
     with torch.no_grad():
-        total, _ = hs.scores(model, x, y)  # (n, 4) summed cross-entropy of each ending
+        total, _ = hellaswag.scores(model, x, y)  # (n, 4) summed cross-entropy of each ending
     samples = sorted(hf['lm_eval']['samples'], key=lambda s: s['doc_id'])
     assert [s['acc'] for s in samples] == (total.argmin(-1) == labels).float().tolist()
     torch.testing.assert_close(torch.tensor([s['loglik'] for s in samples]), -total, rtol=0, atol=1e-4)

@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from conftest import ROOT, TORCHRUN, TINY, TIKTOKEN_CACHE, needs_gpt2_bpe, train
-import hellaswag as hs
+import hellaswag
 from model import GPT, GPTConfig
 from tokenizer import gpt2_encoding
 
@@ -75,32 +75,32 @@ def labelled(model):
 @needs_gpt2_bpe
 def test_scores_and_choices_are_those_of_a_hand_computation():
     model = tiny_model()
-    x, y, labels = hs.render(ITEMS, model.config.block_size)
-    total, mean = hs.scores(model, x, y)
+    x, y, labels = hellaswag.render(ITEMS, model.config.block_size)
+    total, mean = hellaswag.scores(model, x, y)
     for i, item in enumerate(ITEMS):
         hand_sum, hand_mean = hand_scores(model, item)
         torch.testing.assert_close(total[i], hand_sum, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(mean[i], hand_mean, rtol=1e-5, atol=1e-5)
     items, acc = labelled(model)
-    result = hs.evaluate(model, hs.render(items, model.config.block_size), 8, 'cpu', torch.no_grad())
+    result = hellaswag.evaluate(model, hellaswag.render(items, model.config.block_size), 8, 'cpu', torch.no_grad())
     assert result == {'hellaswag_acc': acc, 'hellaswag_acc_norm': 1.0}
 
 
 @needs_gpt2_bpe
 def test_padding_does_not_change_a_score():
     model = tiny_model()
-    x, y, _ = hs.render(ITEMS, model.config.block_size)
+    x, y, _ = hellaswag.render(ITEMS, model.config.block_size)
     # 7 more positions of any tokens: later tokens never reach earlier ones, and their targets are -1
     pad = torch.randint(50257, (3, 4, 7), generator=torch.Generator().manual_seed(0))
-    padded = hs.scores(model, torch.cat([x, pad], -1), torch.cat([y, torch.full_like(pad, -1)], -1))
-    for a, b in zip(hs.scores(model, x, y), padded):
+    padded = hellaswag.scores(model, torch.cat([x, pad], -1), torch.cat([y, torch.full_like(pad, -1)], -1))
+    for a, b in zip(hellaswag.scores(model, x, y), padded):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
 
 
 @needs_gpt2_bpe
 def test_a_row_longer_than_the_block_loses_its_first_tokens():
     enc = gpt2_encoding()
-    x, y, _ = hs.render(ITEMS[:1], 8)
+    x, y, _ = hellaswag.render(ITEMS[:1], 8)
     tokens = enc.encode(ITEMS[0]['ctx']) + enc.encode(' ' + ITEMS[0]['endings'][1])  # "jumps.": 2 tokens
     assert x[0, 1].tolist() == tokens[-9:-1]
     assert y[0, 1].tolist() == [-1] * 6 + tokens[-2:]
@@ -109,8 +109,8 @@ def test_a_row_longer_than_the_block_loses_its_first_tokens():
 @needs_gpt2_bpe
 def test_moe_scores_do_not_depend_on_the_other_items_in_the_batch():
     model = tiny_model(**MOE_GPT)
-    x, y, _ = hs.render(ITEMS, model.config.block_size)
-    alone, batched = hs.scores(model, x[:1], y[:1]), hs.scores(model, x, y)
+    x, y, _ = hellaswag.render(ITEMS, model.config.block_size)
+    alone, batched = hellaswag.scores(model, x[:1], y[:1]), hellaswag.scores(model, x, y)
     for a, b in zip(alone, batched):
         torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-5)
     # with capacity, the same rows' logits do change with the batch: the test can tell
@@ -143,7 +143,7 @@ def test_two_processes_score_as_one(bpe_workdir):
     """ train.py eval_only under torchrun with FSDP, 3 items, 1 a forward: rank 1 runs a last forward past the
     items. It prints the acc and acc_norm of one process's hand computation """
     work, items, acc = bpe_workdir
-    write_items(work / hs.PATH, items)
+    write_items(work / hellaswag.PATH, items)
     out = work / 'out'
     p = train(work, '--dataset=bpe', '--device=cpu', '--compile=False', '--eval_iters=2', '--batch_size=4',
               '--block_size=64', f'--init_from={work / "model"}', '--eval_only=True', '--hellaswag=True',
@@ -155,7 +155,7 @@ def test_two_processes_score_as_one(bpe_workdir):
 @needs_gpt2_bpe
 def test_an_eval_without_a_prepared_data_set_scores_hellaswag_alone_and_writes_nothing(bpe_workdir, tmp_path):
     work, items, acc = bpe_workdir
-    write_items(work / hs.PATH, items)
+    write_items(work / hellaswag.PATH, items)
     (work / 'data' / 'unprepared').mkdir(exist_ok=True)  # as data/openwebtext/ before its prepare.py runs
     out = tmp_path / 'out'
     p = train(work, '--dataset=unprepared', '--device=cpu', '--compile=False', '--batch_size=4', '--block_size=64',
@@ -171,7 +171,7 @@ def test_missing_hellaswag_file_is_one_error_line_naming_prepare(bpe_workdir, tm
     os.symlink(work / 'data' / 'bpe', tmp_path / 'data' / 'bpe')
     p = train(tmp_path, '--dataset=bpe', '--device=cpu', '--hellaswag=True', check=False)
     assert p.returncode == 1 and not os.path.exists(tmp_path / 'out')
-    assert p.stderr.splitlines() == [f"error: {hs.PATH} not found: run python data/hellaswag/prepare.py "
+    assert p.stderr.splitlines() == [f"error: {hellaswag.PATH} not found: run python data/hellaswag/prepare.py "
                                      "first"]
 
 
@@ -194,7 +194,7 @@ def test_prepare_takes_a_local_file(tmp_path):
     p = prepare(tmp_path, f'--input={tmp_path / "val.jsonl"}')
     assert p.returncode == 0, p.stderr
     assert os.listdir(tmp_path / 'out') == ['hellaswag_val.jsonl']
-    assert hs.read_items(tmp_path / 'out' / 'hellaswag_val.jsonl') == ITEMS
+    assert hellaswag.read_items(tmp_path / 'out' / 'hellaswag_val.jsonl') == ITEMS
 
 
 def test_prepare_with_a_missing_or_foreign_file_is_one_error_line_and_writes_nothing(tmp_path):
