@@ -2,7 +2,7 @@
 # quick enough for debugging and laptops. First: python data/shakespeare_char/prepare.py
 # $ python train.py config/train_shakespeare_char.py
 # nanoGPT reports ~3 minutes on one A100 and a best val loss of 1.4697.
-# On a CPU, shrink it (nanoGPT reports val loss ~1.88; here 1.907 in 2000 iterations, README):
+# On a CPU, shrink it (nanoGPT reports val loss ~1.88; here 1.920 in 2000 iterations, README):
 # $ OMP_NUM_THREADS=1 python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20
 #   --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
 #   --lr_decay_iters=2000 --dropout=0.0

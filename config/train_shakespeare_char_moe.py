@@ -4,10 +4,11 @@
 # $ python train.py config/train_shakespeare_char_moe.py
 # On one H100 (README): best val 1.4957 at iter 1500, against the dense run's 1.4631 at 2000. With
 # 3.3x the parameters it overfits these 1M characters sooner.
-# On a CPU, shrink it as the dense run: the README's quick start, best val 1.7097 at iteration 1750 (one thread; the
-# count changes the losses), against dense's 1.907 at 2000 (python assets/quick_start.py checks the MoE's):
+# On a CPU, shrink it as the dense run: the README's quick start, best val 1.7141 at iteration 1750 (one
+# thread; the count changes the losses), against dense's 1.920 at 2000 (python assets/quick_start.py checks it):
 # $ OMP_NUM_THREADS=1 python train.py config/train_shakespeare_char_moe.py --eval_iters=20 --log_interval=10
-#   --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0
+#   --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000
+#   --dropout=0.0
 # then: python sample.py --out_dir=out-shakespeare-char-moe
 
 out_dir = 'out-shakespeare-char-moe'

@@ -17,7 +17,8 @@ from tqdm import tqdm
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument('--input', help="text file to use; default: input.txt next to the outputs, downloaded if missing")
+parser.add_argument('--input',
+                    help="text file to use; default: input.txt next to the outputs, downloaded if missing")
 parser.add_argument('--out_dir', default=os.path.dirname(os.path.abspath(__file__)),
                     help="where the .bin and meta.json go")
 args = parser.parse_args()
