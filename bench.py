@@ -37,7 +37,8 @@ from optim import configure_optimizers
 from tokenizer import dataset_dir, load_char_meta
 
 # -----------------------------------------------------------------------------
-mode = 'model'  # 'model': training steps; 'layer': MoE layer vs baselines; 'step': dense vs MoE; 'sample': generate
+# 'model': training steps; 'layer': MoE layer vs baselines; 'step': dense vs MoE; 'sample': generate
+mode = 'model'
 batch_size = 12  # sequences per forward
 block_size = 1024  # tokens per sequence
 real_data = True  # True: batches from data/<dataset>/train.bin; False: random tokens
@@ -103,7 +104,8 @@ if real_data and mode in ('model', 'step'):
         sys.exit(f"error: {e}")
     train_path = os.path.join(data_dir, 'train.bin')
     if not os.path.exists(train_path):
-        sys.exit(f"error: {train_path} not found: run python data/{dataset}/prepare.py first, or use --real_data=False")
+        sys.exit(f"error: {train_path} not found: run python data/{dataset}/prepare.py first, "
+                 "or use --real_data=False")
     train_data = np.memmap(train_path, dtype=np.uint16, mode='r')
     vocab_size = meta['vocab_size'] if meta else vocab_size
 
@@ -248,8 +250,8 @@ if mode == 'model':
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device_type == 'cuda':
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities,
-                                    schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active, repeat=1),
+        schedule = torch.profiler.schedule(wait=wait, warmup=warmup, active=active, repeat=1)
+        with torch.profiler.profile(activities=activities, schedule=schedule,
                                     on_trace_ready=torch.profiler.tensorboard_trace_handler('./bench_log'),
                                     record_shapes=False, profile_memory=False, with_stack=False,
                                     with_flops=True) as prof:
@@ -310,7 +312,8 @@ elif mode == 'step':
                            for e in prof.key_averages()}
         ops = sorted(op_ms['dense-eq'].keys() | op_ms['moe'].keys(),
                      key=lambda op: -abs(op_ms['moe'].get(op, (0, 0))[0] - op_ms['dense-eq'].get(op, (0, 0))[0]))
-        print(f"CPU time per op and step (ms, calls), {torch.get_num_threads()} threads, largest differences first")
+        print(f"CPU time per op and step (ms, calls), {torch.get_num_threads()} threads, "
+              "largest differences first")
         print(f"{'op':>40} {'dense-eq':>14} {'moe':>14}")
         for op in ops[:20]:
             (d_ms, d_n), (m_ms, m_n) = op_ms['dense-eq'].get(op, (0, 0)), op_ms['moe'].get(op, (0, 0))
@@ -328,7 +331,8 @@ elif mode == 'sample':
     prompt = torch.randint(vocab_size, (batch_size, prompt_len), device=device)
 
     def recompute(model):
-        """ nanoGPT's generate, greedy: the whole context, cropped to block_size, through the model for every token """
+        """ nanoGPT's generate, greedy: the whole context, cropped to block_size, through the model for every
+        token """
         idx = prompt
         for _ in range(max_new_tokens):
             logits, _ = model(idx[:, -block_size:])
@@ -383,7 +387,8 @@ else:  # mode == 'layer'
         MANAGER.reset()
     tol = 1e-5 if device_type == 'cpu' else 1e-2  # CUDA: TF32 matmuls round differently in each formulation
     for name in ('one-hot', 'loop'):
-        diff = max((a - b).abs().max().item() / b.abs().max().item() for a, b in zip(results[name], results['ours']))
+        diff = max((a - b).abs().max().item() / b.abs().max().item()
+                   for a, b in zip(results[name], results['ours']))
         print(f"check: {name} agrees with ours to {diff:.1e} (relative, outputs and input grads), "
               f"{dropped:.1%} dropped")
         if diff > tol:

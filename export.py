@@ -178,7 +178,7 @@ else:
     eos_id, tokenizer_name = None, f"a character-level tokenizer of {meta['vocab_size']} characters"
 hf = hf_gpt2(model, eos_id) if model.config.n_exp == 1 else hf_nanomoe(model, eos_id)
 
-# written to a temporary directory first, renamed to hf_dir at the end: a failure leaves hf_dir as it was
+# the files go to a temporary directory, renamed to hf_dir once complete, so that a failure leaves hf_dir untouched
 work_dir = os.path.abspath(hf_dir).rstrip(os.sep) + '.tmp'
 shutil.rmtree(work_dir, ignore_errors=True)
 try:

@@ -149,7 +149,7 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 # the config, the data and out_dir, checked before any work (checks.py): one line naming the problem and the fix
 try:
     check_run_dirs(init_from, out_dir, eval_only)
-    if init_from == 'resume':  # the run goes on as it was set up, but for what is given now
+    if init_from == 'resume':  # the run's saved settings, but for the keys given now
         config.update(saved := saved_settings(ckpt_path, config, given_keys))
         globals().update(saved)
     data_dir = dataset_dir(dataset)

@@ -80,8 +80,8 @@ if __name__ == '__main__':
     runs = {label: read_log(run) for label, run in zip(labels, args.runs)}
     untimed = [run for run, (_, evals) in zip(args.runs, runs.values()) if any('train_s' not in r for r in evals)]
     if untimed:
-        parser.error(f"evals without train_s in {', '.join(untimed)}: logs of train.py before it recorded train_s; "
-                     "run again")
+        parser.error(f"evals without train_s in {', '.join(untimed)}: logs of a train.py that did not record "
+                     "train_s; run again")
     os.makedirs(args.out, exist_ok=True)
     plot_losses(runs, os.path.join(args.out, 'loss.png'))
     print(f"wrote {os.path.join(args.out, 'loss.png')}")

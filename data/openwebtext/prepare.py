@@ -22,7 +22,8 @@ import argparse
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository root
+# the repository root, for tokenizer.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from tokenizer import gpt2_encoding
 
 # the hub's OpenWebText as parquet files (datasets >= 4 runs no loading scripts; the main branch still
@@ -33,7 +34,8 @@ TEXT_EXTENSIONS = ('.txt', '.md')
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--input', help="your own documents (see above); default: OpenWebText from the hub")
-parser.add_argument('--out_dir', default=os.path.dirname(os.path.abspath(__file__)), help="where the .bin files go")
+parser.add_argument('--out_dir', default=os.path.dirname(os.path.abspath(__file__)),
+                    help="where the .bin files go")
 parser.add_argument('--num_proc', type=int, default=max(1, (os.cpu_count() or 2) // 2),
                     help="worker processes for loading and tokenizing (default: half the CPU cores)")
 args = parser.parse_args()

@@ -14,14 +14,17 @@ import urllib.request
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository root
+# the repository root, for tokenizer.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from tokenizer import gpt2_encoding
 
 URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument('--input', help="text file to use; default: input.txt next to the outputs, downloaded if missing")
-parser.add_argument('--out_dir', default=os.path.dirname(os.path.abspath(__file__)), help="where the .bin files go")
+parser.add_argument('--input',
+                    help="text file to use; default: input.txt next to the outputs, downloaded if missing")
+parser.add_argument('--out_dir', default=os.path.dirname(os.path.abspath(__file__)),
+                    help="where the .bin files go")
 args = parser.parse_args()
 
 if args.input is not None and not os.path.isfile(args.input):
