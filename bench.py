@@ -94,6 +94,8 @@ torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+# every speed figure depends on the threads the CPU work gets (OMP_NUM_THREADS; by default one per core)
+print(f"{device}, {dtype}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
 
 # data: uint16 token ids as written by data/<dataset>/prepare.py, or random tokens
 if real_data and mode in ('model', 'step'):
@@ -318,8 +320,9 @@ elif mode == 'step':
         for op in ops[:20]:
             (d_ms, d_n), (m_ms, m_n) = op_ms['dense-eq'].get(op, (0, 0)), op_ms['moe'].get(op, (0, 0))
             print(f"{op[:40]:>40} {d_ms:8.2f} ({d_n:3d}) {m_ms:8.2f} ({m_n:3d})")
-        total = {name: sum(ms for ms, _ in op_ms[name].values()) for name in op_ms}
-        print(f"{'all ops':>40} {total['dense-eq']:8.2f}       {total['moe']:8.2f}")
+        total = {name: [sum(column) for column in zip(*op_ms[name].values())] for name in op_ms}  # ms, calls
+        print(f"{'all ops':>40} {total['dense-eq'][0]:8.2f} ({total['dense-eq'][1]:3d}) "
+              f"{total['moe'][0]:8.2f} ({total['moe'][1]:3d})")
 
 elif mode == 'sample':
     # eval_capacity 0: model(idx) routes dropless, as generate does, so both compute the same tokens
