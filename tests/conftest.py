@@ -13,6 +13,24 @@ os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# `--dist loadfile` hands each worker a whole file at a time. xdist sends the files with the most tests first, which
+# leaves the long files of a few torchrun tests to the end, where one worker runs them while the other idles. Sending
+# the longest files first (Graham's LPT rule, https://doi.org/10.1137/0117039) ends the two workers close together.
+LONGEST_FILES_FIRST = ['test_reliability.py', 'test_train.py', 'test_sample.py', 'test_expert_parallel.py',
+                       'test_export.py', 'test_fsdp.py', 'test_processes.py', 'test_model.py', 'test_bench.py',
+                       'test_hellaswag.py', 'test_data.py']
+
+
+def pytest_configure(config):
+    if hasattr(config.option, 'loadscopereorder'):
+        config.option.loadscopereorder = False  # keep the order below
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
+
 # GPT-2's BPE files for tiktoken: TIKTOKEN_CACHE_DIR if set, else the offline copy beside the repository.
 # The tests that tokenize with GPT-2's BPE skip without them; every other test makes the text it needs
 TIKTOKEN_CACHE = os.environ.get('TIKTOKEN_CACHE_DIR') or os.path.join(ROOT, '..', 'shared', 'data',

@@ -314,16 +314,6 @@ def test_ddp_two_processes_match_one_process(workdir):
     assert [i for i, _ in evals] == [0, 3, 3] and evals[2][1] == evals[1][1]
 
 
-def test_torchrun_with_fewer_micro_steps_than_processes_says_once_what_to_add(workdir):
-    out = workdir / 'out-ddp-1'
-    p = train(workdir, *TINY, f'--out_dir={out}', launcher=TORCHRUN, check=False)  # accumulation 1
-    assert p.returncode != 0 and not out.exists()
-    error = ("error: gradient_accumulation_steps=1 is not divisible by the 2 processes: it counts the "
-             "micro-steps of all of them; add --gradient_accumulation_steps=2 (or another multiple)")
-    assert p.stderr.count('error: ') == 1 and error + '\n' in p.stderr, p.stderr
-    assert p.stderr.index(error) < p.stderr.index('ChildFailedError')  # then torchrun's report of the failure
-
-
 # Ctrl-C the moment ckpt.pt has been renamed into place, before train.py can note which iteration it holds
 CTRL_C_AFTER_THE_RENAME = """
 import os, sys, signal, runpy
