@@ -31,11 +31,10 @@ def test_moe_training_lowers_the_val_loss(moe_run):
     assert evals[-1][1] < evals[0][1] - 0.5  # from ~4.17 (ln 65) down
 
 
-def test_a_run_evaluates_and_saves_its_last_iteration_once(workdir, moe_run):
-    out = workdir / 'out-last'
-    train(workdir, *TINY, f'--out_dir={out}', '--max_iters=7', '--eval_interval=5')
-    assert [i for i, _ in logged(out, 'val_loss')] == [0, 5, 7]
-    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 7
+def test_a_run_evaluates_and_saves_its_last_iteration_once(dense_run, moe_run):
+    # max_iters=7 no multiple of eval_interval=5: evals at 0, 5 and the last, 7
+    assert [i for i, _ in logged(dense_run, 'val_loss')] == [0, 5, 7]
+    assert torch.load(dense_run / 'ckpt.pt', weights_only=True)['iter_num'] == 7
     # max_iters=40 a multiple of eval_interval=40: one eval at 40
     assert [i for i, _ in logged(moe_run[0], 'val_loss')] == [0, 40]
 
@@ -238,17 +237,17 @@ def test_resume_counts_training_seconds_on_from_the_checkpoints(resumed_run):
 
 @pytest.fixture(scope='module')
 def dense_run(workdir):
-    """ a dense run checkpointed at iteration 4, started in an out_dir that holds the log of a run
-    stopped before its first checkpoint """
+    """ a dense run of 7 iterations evaluated every 5, checkpointed at its last, started in an out_dir that holds
+    the log of a run stopped before its first checkpoint """
     out = workdir / 'out-dense'
     out.mkdir()
     (out / 'log.jsonl').write_text('{"iter": 0, "loss": 4.2}\n{"iter": 1, "loss": 4.1}\n')
-    train(workdir, *TINY, f'--out_dir={out}', '--max_iters=4', '--eval_interval=4')
+    train(workdir, *TINY, f'--out_dir={out}', '--max_iters=7', '--eval_interval=5')
     return out
 
 
 def test_a_new_run_starts_its_own_log(dense_run):
-    assert [i for i, _ in logged(dense_run)] == [0, 1, 2, 3, 4]
+    assert [i for i, _ in logged(dense_run)] == list(range(8))
 
 
 def test_a_nanogpt_checkpoint_resumes(workdir, dense_run):
