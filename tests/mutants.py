@@ -93,7 +93,8 @@ MUTANTS = [
      'flops_per_token = 3 * self.get_num_params',
      'tests/test_model.py::test_mfu_counts_6_flops_per_active_parameter_and_the_attention_per_token'),
     ('active params with the wrong k', 'model.py', '(self.config.top_k if active else self.config.n_exp)',
-     '(1 if active else self.config.n_exp)', 'tests/test_model.py::test_active_params_count_top_k_of_n_exp_experts'),
+     '(1 if active else self.config.n_exp)',
+     'tests/test_model.py::test_active_params_count_top_k_of_n_exp_experts'),
     ('from_pretrained ignores dropout', 'model.py', 'vocab_size=hf.vocab_size, bias=True, **override_args))',
      'vocab_size=hf.vocab_size, bias=True))',
      'tests/test_model.py::test_from_pretrained_overrides_dropout_in_every_dropout_module'),
@@ -124,9 +125,10 @@ MUTANTS = [
     ('trim_log off by one', 'checkpoint.py', 'is not None and it < iter_num]', 'is not None and it <= iter_num]',
      'tests/test_train.py::test_resume_log_reads_as_one_runs_without_records_past_the_checkpoint'),
     ('grouped-mm alignment rule removed', 'model.py', 'if any(size * dtype.itemsize % 16 for size in sizes):',
-     'if False:', 'tests/test_moe_layer.py::test_grouped_matmul_on_cpu_exactly_where_torchs_kernel_takes_the_shapes'),
-    ('weight decay on expert biases', 'optim.py', "if p.dim() >= 2 and not n.endswith('bias')}", 'if p.dim() >= 2}',
-     'tests/test_optim.py::test_optimizer_decays_weights_not_biases'),
+     'if False:',
+     'tests/test_moe_layer.py::test_grouped_matmul_on_cpu_exactly_where_torchs_kernel_takes_the_shapes'),
+    ('weight decay on expert biases', 'optim.py', "if p.dim() >= 2 and not n.endswith('bias')}",
+     'if p.dim() >= 2}', 'tests/test_optim.py::test_optimizer_decays_weights_not_biases'),
 ]
 
 
@@ -136,7 +138,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         copy = os.path.join(tmp, 'repo')
         shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns('.git', '*.bin', 'out*', '__pycache__'))
-        if os.path.isdir(os.path.join(ROOT, '..', 'shared')):  # the offline data the tests find beside the repository
+        if os.path.isdir(os.path.join(ROOT, '..', 'shared')):  # the offline data the tests find beside the repo
             os.symlink(os.path.join(ROOT, '..', 'shared'), os.path.join(tmp, 'shared'))
         for what, path, line, mutated, test in chosen:
             source = open(os.path.join(copy, path)).read()

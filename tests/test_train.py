@@ -5,14 +5,13 @@ Runs that several tests read are module fixtures: one run, an assertion per test
 import json
 import os
 import re
-import subprocess
 import sys
 from dataclasses import fields
 
 import pytest
 import torch
 
-from conftest import ROOT, TORCHRUN, TINY, MOE, train, logged
+from conftest import ROOT, TORCHRUN, TINY, MOE, train, logged, run_python
 
 from model import GPTConfig
 
@@ -100,8 +99,8 @@ def test_train_seconds_add_up_the_steps_and_leave_evals_out(moe_run):
 
 def test_plot_script_draws_the_loss_and_expert_load_of_a_run(workdir, moe_run):
     out, _ = moe_run
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'assets', 'plot.py'), str(out), '--labels=moe',
-                        f'--out={workdir}/plots'], capture_output=True, text=True, timeout=300)
+    p = run_python([sys.executable, os.path.join(ROOT, 'assets', 'plot.py'), str(out), '--labels=moe',
+                    f'--out={workdir}/plots'], os.getcwd())
     assert p.returncode == 0, p.stderr
     for name in ('loss.png', 'expert_load_moe.png'):
         png = workdir / 'plots' / name
