@@ -20,8 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # which leaves the long files of a few torchrun tests to the end, where one worker runs them while the other
 # idles. Sending the longest first (Graham's LPT rule, https://doi.org/10.1137/0117039) ends the two together.
 LONGEST_FILES_FIRST = ['test_export.py', 'test_fsdp.py', 'test_expert_parallel.py', 'test_processes.py',
-                       'test_train.py', 'test_model.py', 'test_sample.py', 'test_moe_layer.py', 'test_reliability.py',
-                       'test_data.py', 'test_bench.py', 'test_hellaswag.py']
+                       'test_train.py', 'test_model.py', 'test_sample.py', 'test_moe_layer.py',
+                       'test_reliability.py', 'test_data.py', 'test_bench.py', 'test_hellaswag.py']
 
 
 def pytest_configure(config):
