@@ -103,6 +103,13 @@ TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--np
 _warm = {}  # this worker's tests/warm_python.py, started by its first run_python
 
 
+def _stop_warm():
+    _warm['process'].stdin.close()  # which ends its loop
+    _warm['process'].wait()
+    _warm['process'].stdout.close()
+    shutil.rmtree(_warm['dir'], ignore_errors=True)
+
+
 def run_python(cmd, cwd, env=None, timeout=300):
     """ subprocess.run(cmd, cwd, env, capture_output=True, text=True, timeout) where cmd is `python script args`
     or `python -c code args`: run by a child of tests/warm_python.py, which has imported torch already. Any other
@@ -117,7 +124,7 @@ def run_python(cmd, cwd, env=None, timeout=300):
                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                             env=dict(os.environ, OMP_NUM_THREADS='1'))
         _warm['dir'] = tempfile.mkdtemp()
-        atexit.register(shutil.rmtree, _warm['dir'], ignore_errors=True)
+        atexit.register(_stop_warm)
     process, out, err = _warm['process'], os.path.join(_warm['dir'], 'out'), os.path.join(_warm['dir'], 'err')
     code, argv = (cmd[2], cmd[3:]) if cmd[1] == '-c' else (None, cmd[1:])
     request = dict(cwd=str(cwd), env=env, argv=[str(a) for a in argv], code=code, out=out, err=err,
