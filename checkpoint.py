@@ -20,16 +20,15 @@ import torch
 from model import GPT, GPTConfig, DENSE_KEYS, RUN_SETTINGS
 from parallel import gather_experts, local_optimizer_state
 
-# where and how a run runs, not what it is: a resumed run takes these from this command line and the defaults, so
-# that it goes on under another setup (another device or dtype, compiled or not, under DDP, FSDP or expert
-# parallelism; with wandb or without)
+# The keys of where and how a run runs, not of what it is. A resumed run takes them from this command line and the
+# defaults, so that it can go on with another device, dtype, parallelism, compile or wandb setting.
 WHERE_AND_HOW = ('init_from', 'out_dir', 'eval_only', 'device', 'dtype', 'compile', 'backend', 'fsdp', 'ep_size',
                  'wandb_log')
 
 
 def check_run_dirs(init_from, out_dir, eval_only):
-    """ init_from names a model to start from, and out_dir can take this run (and can be made, for a training
-    run): else a ValueError naming the fix """
+    """ Returns None if init_from names a model to start from and out_dir can take this run (and can be made, for
+    a training run). Raises a ValueError naming the fix otherwise """
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     named = init_from in ('scratch', 'resume') or init_from.startswith('gpt2') or os.path.isdir(init_from)
     if not named:
@@ -44,7 +43,8 @@ def check_run_dirs(init_from, out_dir, eval_only):
     if init_from != 'resume' and not eval_only and os.path.exists(ckpt_path):
         raise ValueError(f"out_dir '{out_dir}' holds a run's checkpoint: continue it with --init_from=resume, "
                          "or pick another --out_dir")
-    if not eval_only and not os.path.isdir(out_dir):  # made later, after the model: try now, leaving nothing
+    # out_dir is made after the model is built: make and remove a directory in it now, to fail before any work
+    if not eval_only and not os.path.isdir(out_dir):
         parent = os.path.normpath(out_dir)
         while parent and not os.path.exists(parent):
             parent = os.path.dirname(parent)
@@ -57,10 +57,10 @@ def check_run_dirs(init_from, out_dir, eval_only):
 
 
 def saved_settings(ckpt_path, config, given):
-    """ What the run in ckpt_path goes on with: its saved config's values of the keys of config, but for
-    WHERE_AND_HOW and the keys given now (config files, --key=value), which keep config's. One line lists the
-    given keys that change a saved value, the model's aside (model_args_with lists those). A key the run did not
-    save (a checkpoint of nanoGPT, or of an older version) is not in the result """
+    """ Returns the settings the run in ckpt_path goes on with: its saved config's values of the keys of config,
+    but for WHERE_AND_HOW and the keys given now (config files, --key=value), which keep config's. It prints one
+    line of the given keys that change a saved value, leaving out the model's keys, which model_args_with lists.
+    A key the run did not save (a checkpoint of nanoGPT, or of an older version) is not in the result """
     saved = load_checkpoint(ckpt_path, 'cpu').get('config', {})
     model_keys = {f.name for f in fields(GPTConfig)}
     restored, changed = {}, []
@@ -77,10 +77,9 @@ def saved_settings(ckpt_path, config, given):
 
 
 def load_checkpoint(path, device):
-    """ A checkpoint written by train.py (or nanoGPT, or the earlier nanoMoE): tensors and plain data only.
-    torch.load with weights_only=True unpickles nothing else, so a file from elsewhere cannot run code as it
-    loads. A missing, truncated, foreign or code-carrying file is a
-    one-line ValueError """
+    """ Returns the checkpoint at path, written by train.py, nanoGPT or the earlier nanoMoE. It loads with
+    weights_only=True, which unpickles tensors and plain data only, so a file from elsewhere cannot run code as it
+    loads. A missing, truncated, foreign or code-carrying file raises a one-line ValueError """
     try:
         # memory-mapped: a tensor's bytes are read when used, and a process that uses a part reads that part
         checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=True)
@@ -92,7 +91,7 @@ def load_checkpoint(path, device):
         raise ValueError(f"{path} holds a pickled object ({what}) that could run "
                          "code as it loads: refused. Load only checkpoints you made, or re-save its tensors and "
                          "plain data from a trusted copy")
-    except Exception as e:  # a truncated file, a permission, out of memory, ...: say which
+    except Exception as e:  # a truncated file, a denied permission, too little memory: the message says which
         message = str(e).strip().splitlines()
         raise ValueError(f"{path} cannot be loaded: {type(e).__name__}{': ' + message[0] if message else ''}")
     if not isinstance(checkpoint, dict) or not {'model', 'model_args'} <= set(checkpoint):
@@ -101,9 +100,10 @@ def load_checkpoint(path, device):
 
 
 def model_args_with(saved, given, source):
-    """ A saved model's GPTConfig args with the given ones (a config file's or the command line's) over them: a
-    given run setting (RUN_SETTINGS) replaces the saved one, and one line lists what changed; a given key that
-    shapes the weights must equal the saved one, else a ValueError. A key not given keeps its saved value """
+    """ Returns a saved model's GPTConfig args with the given ones (a config file's or the command line's) over
+    them. A given run setting (RUN_SETTINGS) replaces the saved one, and one printed line lists what changed. A
+    given key that shapes the weights must equal the saved one, else it raises a ValueError. A key not given
+    keeps its saved value """
     args = {**asdict(GPTConfig()), **saved}  # the earlier nanoMoE saved no expert_hidden, n_shared_exp, ...
     changed = []
     for key, value in given.items():
@@ -120,8 +120,8 @@ def model_args_with(saved, given, source):
 
 
 def model_from_checkpoint(checkpoint, given=None, source='the checkpoint'):
-    """ The GPT a train.py checkpoint describes, with its weights, and the given keys as model_args_with applies
-    them """
+    """ Returns the GPT a train.py checkpoint describes, with its weights, and the given keys as model_args_with
+    applies them """
     model = GPT(GPTConfig(**model_args_with(checkpoint['model_args'], given or {}, source)))
     # torch.compile'd models save their parameters under an '_orig_mod.' prefix
     model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
@@ -129,7 +129,7 @@ def model_from_checkpoint(checkpoint, given=None, source='the checkpoint'):
 
 
 def exported_moe(path):
-    """ whether path is a directory export.py wrote for an MoE run (a dense one is a GPT-2 directory) """
+    """ Returns whether path is a directory export.py wrote for an MoE run (a dense one is a GPT-2 directory) """
     config_path = os.path.join(path, 'config.json')
     if not os.path.exists(config_path):
         return False
@@ -138,8 +138,8 @@ def exported_moe(path):
 
 
 def model_from_export(hf_dir, given=None):
-    """ The GPT of an MoE run's export.py directory, its config.json's GPTConfig keys with the given ones as
-    model_args_with applies them, and the weights of its safetensors """
+    """ Returns the GPT of an MoE run's export.py directory: its config.json's GPTConfig keys with the given ones
+    as model_args_with applies them, and the weights of its safetensors """
     from safetensors.torch import load_file
     with open(os.path.join(hf_dir, 'config.json')) as f:
         hf_config = json.load(f)
@@ -156,9 +156,9 @@ def model_from_export(hf_dir, given=None):
 
 
 def load_weights(init_from, given):
-    """ A new run's model: another run's (a directory with a ckpt.pt) or GPT-2's (a name or a save_pretrained
-    directory), with the given keys as model_args_with applies them; for a dense model only its dense keys, the
-    others being start_model's, to upcycle it with """
+    """ Returns a new run's model: another run's (a directory with a ckpt.pt) or GPT-2's (a name or a
+    save_pretrained directory), with the given keys as model_args_with applies them. A dense model takes only the
+    dense keys, as start_model upcycles it with the others """
     run_ckpt_path = os.path.join(init_from, 'ckpt.pt')
     dense_given = {k: v for k, v in given.items() if k in DENSE_KEYS}
     if os.path.exists(run_ckpt_path):
@@ -176,11 +176,11 @@ def load_weights(init_from, given):
 
 
 def start_model(init_from, out_dir, args, given, vocab_size):
-    """ What a run starts from: (the model's GPTConfig, its weights as a state dict on the CPU or None for a new
-    model, for init_from='resume' the checkpoint it goes on from or None). A new model of args (the config's
-    model keys, vocab_size from the data or GPT-2's 50304), out_dir's run, another run's weights or GPT-2's,
-    upcycled if dense and args' n_exp > 1, cropped to a smaller given block_size. A saved model takes the given
-    keys as model_args_with applies them. A bad input is a ValueError """
+    """ Returns what a run starts from: the model's GPTConfig, its weights as a state dict on the CPU (None for a
+    new model), and the checkpoint it goes on from (None unless init_from='resume'). The model is a new one of
+    args (the config's model keys, vocab_size from the data or GPT-2's 50304), out_dir's run, or another run's
+    or GPT-2's weights, upcycled if dense and args' n_exp > 1 and cropped to a smaller given block_size. A saved
+    model takes the given keys as model_args_with applies them. A bad input raises a ValueError """
     if init_from == 'scratch':
         print("Initializing a new model from scratch")
         if vocab_size is None:
@@ -212,22 +212,22 @@ def start_model(init_from, out_dir, args, given, vocab_size):
 
 
 def _rekey(optim_state, key):
-    """ AdamW's state with its parameters renamed by key: ckpt.pt names them by index, as optimizer.state_dict()
-    does, FSDP's state-dict functions by their names in the model """
+    """ Returns AdamW's state with its parameters renamed by key. ckpt.pt names them by index, as
+    optimizer.state_dict() does, and FSDP's state-dict functions name them as the model does """
     return {'state': {key[k]: v for k, v in optim_state['state'].items()},
             'param_groups': [{**g, 'params': [key[k] for k in g['params']]} for g in optim_state['param_groups']]}
 
 
 def _param_names(model, optimizer):
-    """ the names of the optimizer's parameters in the model, in the optimizer's order: their indices in ckpt.pt
-    """
+    """ Returns the names of the optimizer's parameters in the model, in the optimizer's order, which gives their
+    indices in ckpt.pt """
     name = {p: n for n, p in model.named_parameters()}
     return [name[p] for group in optimizer.param_groups for p in group['params']]
 
 
 def load_optimizer_state(model, optimizer, scaler, checkpoint):
-    """ AdamW's and the GradScaler's state from ckpt.pt; under FSDP and expert parallelism each process keeps
-    its part of the whole state (parallel.local_optimizer_state) """
+    """ Loads AdamW's and the GradScaler's state from ckpt.pt. Under FSDP and expert parallelism each process
+    keeps its part of the whole state (parallel.local_optimizer_state) """
     kernels = [{k: g[k] for k in ('fused', 'foreach') if k in g} for g in optimizer.param_groups]
     if checkpoint.get('scaler'):  # an empty dict unless the run trains in float16; absent in nanoGPT's format
         scaler.load_state_dict(checkpoint['scaler'])
@@ -237,9 +237,9 @@ def load_optimizer_state(model, optimizer, scaler, checkpoint):
 
 
 def save_checkpoint(path, model, optimizer, scaler, fsdp, **run_state):
-    """ Rank 0 writes ckpt.pt to a temporary file and renames it over path: a kill mid-write leaves the old one.
-    Every process calls this; under FSDP they send their shards to rank 0, which receives the full state on
-    the CPU, under expert parallelism their experts """
+    """ Writes ckpt.pt from rank 0, to a temporary file renamed over path, so that a kill mid-write leaves the old
+    one. Every process calls it: under FSDP each sends its shards and under expert parallelism its experts to rank
+    0, which receives the whole state on the CPU """
     expert_weights, expert_moments = gather_experts(model, optimizer)  # under expert parallelism, from all
     if fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -263,7 +263,7 @@ def save_checkpoint(path, model, optimizer, scaler, fsdp, **run_state):
 
 
 def _logged_iter(line):
-    """ the iteration of a log.jsonl line, None for one cut short by a crash mid-write """
+    """ Returns the iteration of a log.jsonl line, None for one cut short by a crash mid-write """
     try:
         return json.loads(line)['iter']
     except ValueError:
@@ -271,8 +271,8 @@ def _logged_iter(line):
 
 
 def trim_log(path, iter_num):
-    """ Drop, atomically, log.jsonl's records from iter_num on: steps (and an eval) the run does again when it
-    resumes, all of them for a new run. The log then reads as that of one run that never stopped """
+    """ Drops, atomically, log.jsonl's records from iter_num on: the steps (and an eval) a resumed run does
+    again, and all of them for a new run. The log then reads as that of one run that never stopped """
     if not os.path.exists(path):
         return
     with open(path) as f:
@@ -283,7 +283,7 @@ def trim_log(path, iter_num):
 
 
 def write_run_record(out_dir, **setup):
-    """ run.json: the run's config and setup next to its log, with the versions and the git commit that made it """
+    """ Writes run.json: the run's config and setup next to its log, with the versions and the git commit """
     git = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(out_dir, 'run.json'), 'w') as f:

@@ -1,7 +1,7 @@
 """
 What train.py checks of its config, data and out_dir's setup before any work: run_problem returns the first
-mistake as one line naming the fix (train.py says it and exits 1), model_problem the same once the model's
-config is known, run_warnings the lines to print and go on.
+mistake as one line naming the fix (train.py says it and exits 1), loaded_model_problem and model_problem the
+same once the model is loaded and its config known, run_warnings the lines to print and go on.
 """
 import os
 import netrc
@@ -82,6 +82,21 @@ def model_problem(cfg, ep_size, data_dir, splits):
                     f"{cfg.block_size + 1}: use a smaller --block_size or more data")
     if cfg.n_exp % ep_size != 0:
         return f"n_exp={cfg.n_exp} is not divisible by ep_size={ep_size}: each process holds n_exp/ep_size experts"
+    return None
+
+
+def loaded_model_problem(cfg, checkpoint, optimizer, meta, data_dir, ckpt_path, out_dir):
+    """ The first mismatch between the data or the config and the model start_model made (cfg, and checkpoint if
+    the run resumes), as one line naming the fix; None if there is none """
+    if meta is not None and meta['vocab_size'] != cfg.vocab_size:
+        return (f"{char_meta_path(data_dir)} has a vocabulary of {meta['vocab_size']} tokens but the model has "
+                f"{cfg.vocab_size}: prepare the data with the model's tokenizer")
+    if checkpoint is not None:
+        saved_optimizer = checkpoint.get('config', {}).get('optimizer', 'adamw')  # nanoGPT's runs: AdamW
+        if optimizer != saved_optimizer:  # the saved state is the other optimizer's, which this one cannot load
+            return (f"optimizer='{optimizer}' but {ckpt_path} was trained with '{saved_optimizer}': resume "
+                    f"with --optimizer={saved_optimizer}, or start a new run from its weights with "
+                    f"--init_from={out_dir}")
     return None
 
 

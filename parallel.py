@@ -2,10 +2,10 @@
 Expert parallelism (GShard §2.2, Switch §2.3) beside DDP or FSDP, under torchrun:
 $ torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char_moe.py --ep_size=2
 The processes form groups of ep_size consecutive ranks (one node's GPUs first). Each process of a group holds
-n_exp/ep_size experts of every MoE layer, the group all of them once; the tokens travel to their experts
-(model.run_remote_experts). The other weights are DDP's or FSDP's, as without it. An expert's gradient holds
-the tokens of its whole group (the all-to-all's backward brings them); the processes holding the same experts,
-one per group, sum theirs. Checkpoints hold the experts whole, as every other run's do.
+n_exp/ep_size experts of every MoE layer, so that the group holds each expert once, and the tokens travel to
+their experts (model.run_remote_experts). The other weights are DDP's or FSDP's, as without it. An expert's
+gradient holds the tokens of its whole group, which the all-to-all's backward brings, and the processes that
+hold the same experts, one per group, sum theirs. Checkpoints hold the experts whole, as every other run's do.
 """
 import os
 import sys
@@ -20,8 +20,8 @@ from model import MOELayer, MLPExperts
 
 
 def parallel_setup_problem(fsdp, ep_size, ddp, world_size, dtype, backend):
-    """ what is wrong with fsdp and ep_size for these processes, dtype and backend, as one line naming the fix, or
-    None """
+    """ Returns what is wrong with fsdp and ep_size for these processes, dtype and backend, as one line naming the
+    fix, or None """
     if fsdp and not ddp:
         return ("fsdp=True shards the model over the processes torchrun starts: "
                 "run torchrun --standalone --nproc_per_node=N train.py ... --fsdp=True")
@@ -43,13 +43,12 @@ def parallel_setup_problem(fsdp, ep_size, ddp, world_size, dtype, backend):
 
 
 def say_error_once(message):
-    """ `error: message` on stderr, unless another process of this torchrun job has said one: the first process
-    to meet an error says it, whichever it is and however late the others are, then exits, and torchrun stops
-    the rest. Not torchrun's error file (errors.record): its report lists every failed process's file, so an
-    error all the processes meet (a bad key) shows once per process, inside the report. Not rank 0 alone:
-    the others would wait for it, and an error one node meets (a file it lacks) never reaches rank 0. One
-    atomic add on the store of torchrun's agents, which every process of the job reaches, says who is first;
-    without one (other launchers, torchrun's etcd rendezvous) every process says it """
+    """ Prints `error: message` on stderr, unless another process of this torchrun job has printed one. The first
+    process to meet an error says it, however late the others are, then exits, and torchrun stops the rest.
+    torchrun's error file (errors.record) would show an error all processes meet once per process in its report,
+    and rank 0 alone would never hear of an error only another node meets (a file it lacks). One atomic add on
+    the store of torchrun's agents, which every process of the job reaches, says who is first. Without that
+    store (other launchers, torchrun's etcd rendezvous) every process says it """
     if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
         store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
                               timeout=timedelta(seconds=60))
@@ -59,9 +58,9 @@ def say_error_once(message):
 
 
 def split_experts(model, ep_size):
-    """ Keep this process's share of every MoE layer's experts, experts r*E/n to (r+1)*E/n - 1 for rank r of
-    its EP group, and route through the group. Returns (the EP group, the group of the processes holding the
-    same experts as this one) """
+    """ Returns (the EP group, the group of the processes holding the same experts as this one), after keeping
+    this process's share of every MoE layer's experts (experts r*E/n to (r+1)*E/n - 1 for rank r of its EP
+    group) and routing the layers through the EP group """
     world = dist.get_world_size()
     ep_group, _ = dist.new_subgroups_by_enumeration([list(range(s, s + ep_size))
                                                      for s in range(0, world, ep_size)])
@@ -76,7 +75,7 @@ def split_experts(model, ep_size):
 
 
 def expert_group(model):
-    """ the EP group the model's experts are split over, None if this process holds them all """
+    """ Returns the EP group the model's experts are split over, None if this process holds them all """
     return next((m.ep_group for m in model.modules() if isinstance(m, MOELayer)), None)
 
 
@@ -85,8 +84,8 @@ def _expert_ids(model):
 
 
 def ddp_ignore_experts(model):
-    """ Before wrapping model in DDP: under expert parallelism the experts differ between processes, and
-    reduce_expert_grads reduces their gradients, so DDP neither broadcasts nor all-reduces them """
+    """ Tells DDP, before it wraps model, to leave the experts alone under expert parallelism: they differ
+    between processes, and reduce_expert_grads reduces their gradients """
     if expert_group(model) is not None:
         experts = _expert_ids(model)
         names = [n for n, p in model.named_parameters() if id(p) in experts]
@@ -94,9 +93,8 @@ def ddp_ignore_experts(model):
 
 
 def reduce_expert_grads(model, replicas):
-    """ After the last micro-step's backward: each expert's gradient summed over the processes holding it,
-    divided by the world size as DDP divides the others. Every gradient is then one process's on the global
-    batch """
+    """ Sums each expert's gradient over the processes holding it and divides it by the world size, as DDP does
+    the others, after the last micro-step's backward. Every gradient is then one process's on the global batch """
     experts = _expert_ids(model)
     for p in model.parameters():
         if id(p) in experts and p.grad is not None:
@@ -106,9 +104,9 @@ def reduce_expert_grads(model, replicas):
 
 
 def clip_grad_norm_(model, max_norm, ep_group):
-    """ torch's clip_grad_norm_ of the whole model. Under expert parallelism each process holds its own
-    experts' gradients: their squares are summed over the EP group, every expert counted once; the others
-    are the same on every process """
+    """ Returns the total norm of the model's gradients, which it clips to max_norm as torch's clip_grad_norm_.
+    Under expert parallelism each process holds its own experts' gradients, so their squares are summed over the
+    EP group to count every expert once. The other gradients are the same on every process """
     if ep_group is None:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     experts = _expert_ids(model)
@@ -127,8 +125,8 @@ def clip_grad_norm_(model, max_norm, ep_group):
 
 
 def whole_shape(model, p):
-    """ the shape of parameter p of model whole: FSDP's DTensors carry it, expert parallelism's experts are
-    n_exp, not the E/n a process holds """
+    """ Returns the whole shape of parameter p of model. FSDP's DTensors carry it, and a split expert stack is
+    n_exp long, not the E/n a process holds """
     group = expert_group(model)
     if group is not None and id(p) in _expert_ids(model):
         return (p.size(0) * group.size(), *p.shape[1:])
@@ -136,8 +134,8 @@ def whole_shape(model, p):
 
 
 def local_part(model, p, whole):
-    """ this process's part of whole, a tensor of parameter p's whole shape: its rows of FSDP's shard, its
-    experts under expert parallelism, else all of it. A view: nothing is copied """
+    """ Returns a view of this process's part of whole, a tensor of parameter p's whole shape: its rows of FSDP's
+    shard, its experts under expert parallelism, else all of it """
     if hasattr(p, 'device_mesh'):  # FSDP2 shards dim 0 (Shard(0)) in torch.chunk's blocks of rows
         mesh, rows = p.device_mesh, p.to_local().size(0)
         block = -(-p.size(0) // mesh.size())
@@ -149,18 +147,18 @@ def local_part(model, p, whole):
 
 
 def _local(t):
-    """ the tensor holding t's values on this process: FSDP's shard of a DTensor, else t """
+    """ Returns the tensor holding t's values on this process: FSDP's shard of a DTensor, else t """
     return t.to_local() if hasattr(t, 'to_local') else t
 
 
 @torch.no_grad()
 def materialize(model, device, weights, source):
-    """ A model built on 'meta', split (split_experts) and sharded (GPT.shard) there, given memory on device:
-    each parameter drawn whole by GPT.init_parameter on device, in the model's order, each process keeping
-    its part, the buffers zero; then, unless weights is None, each process copies its part of every tensor of
-    weights (a whole model's state dict, e.g. ckpt.pt's memory-mapped on the CPU) there. Every setup, sharded
-    or not, starts from the weights one process draws from the same seed on the same device type, and no
-    process holds more than its part (and one whole parameter as it draws it). A ValueError if weights are not
+    """ Gives a model built, split (split_experts) and sharded (GPT.shard) on 'meta' its memory on device. Each
+    parameter is drawn whole by GPT.init_parameter on device, in the model's order, and each process keeps its
+    part. The buffers start at zero. Unless weights is None (a whole model's state dict, e.g. ckpt.pt's
+    memory-mapped on the CPU), each process then copies its part of every tensor of weights. So every setup,
+    sharded or not, starts from the weights one process draws from the same seed on the same device type, and no
+    process holds more than its part and the one whole parameter it draws. Raises a ValueError if weights are not
     the model's """
     model.to_empty(device=device)
     for name, p in model.named_parameters():
@@ -183,9 +181,9 @@ def materialize(model, device, weights, source):
 
 
 def local_optimizer_state(model, optimizer, saved):
-    """ a checkpoint's optimizer state (optimizer.state_dict()'s layout, every tensor whole) with each state
-    tensor shaped like its parameter whole (AdamW's moments) cut to this process's part, on its device; others
-    (AdamW's step) as saved """
+    """ Returns a checkpoint's optimizer state (optimizer.state_dict()'s layout, every tensor whole) with each
+    state tensor shaped like its whole parameter (AdamW's moments) cut to this process's part, on its device. The
+    others (AdamW's step) stay as saved """
     params = [p for g in optimizer.param_groups for p in g['params']]  # by their index in saved
 
     def part(p, v):
@@ -200,16 +198,16 @@ def local_optimizer_state(model, optimizer, saved):
 
 
 def gather_experts(model, optimizer):
-    """ Under expert parallelism, for rank 0 to write: {name: expert weight} and {name: its optimizer state},
-    whole; else ({}, {}). The processes of rank 0's EP group send it their experts through host memory, one
-    tensor at a time, and the state tensors shaped like them (AdamW's moments; its step is the same
-    everywhere). No other process receives another's experts; the other groups hold copies and send nothing """
+    """ Returns, on rank 0 under expert parallelism, ({name: whole expert weight}, {name: its optimizer state}),
+    for it to write, and ({}, {}) elsewhere. The processes of rank 0's EP group send it their experts through host
+    memory, one tensor at a time, with the state tensors shaped like them: AdamW's moments. AdamW's step, the same
+    everywhere, is not sent. The other EP groups hold copies and send nothing """
     group = expert_group(model)
     if group is None or dist.get_rank() >= group.size():  # the groups are consecutive ranks: rank 0's 0..n-1
         return {}, {}
 
     def gather(t):
-        t = t.detach().cpu()  # gloo's, the CPU backend's, share of the process group (see train.py's backend)
+        t = t.detach().cpu()  # the process group's CPU backend, gloo, sends it (train.py's backend)
         parts = [torch.empty_like(t) for _ in range(group.size())] if dist.get_rank() == 0 else None
         dist.gather(t, parts, dst=0, group=group)
         return torch.cat(parts) if parts else None

@@ -14,6 +14,7 @@ import inspect
 import time
 import atexit
 import signal
+import threading
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, fields
@@ -28,7 +29,7 @@ from machine import gpu_peak_flops, pick_device
 from parallel import (split_experts, materialize, ddp_ignore_experts, reduce_expert_grads, clip_grad_norm_,
                       say_error_once)
 from optim import configure_optimizers
-from checks import run_problem, run_warnings, model_problem
+from checks import run_problem, run_warnings, loaded_model_problem, model_problem
 from checkpoint import (check_run_dirs, saved_settings, start_model, load_optimizer_state, save_checkpoint,
                         trim_log, write_run_record)
 from manager import MANAGER
@@ -203,21 +204,16 @@ torch.manual_seed(seed)  # an upcycled model's routers
 try:
     cfg, weights, checkpoint = start_model(init_from, out_dir, {k: config[k] for k in model_keys},
                                            given_model_args, meta_vocab_size)
-    if meta_vocab_size is not None and meta_vocab_size != cfg.vocab_size:
-        raise ValueError(f"{meta_path} has a vocabulary of {meta_vocab_size} tokens but the model has "
-                         f"{cfg.vocab_size}: prepare the data with the model's tokenizer")
 except ValueError as e:
     fail(e)
+if (problem := loaded_model_problem(cfg, checkpoint, optimizer, meta, data_dir, ckpt_path, out_dir)):
+    fail(problem)
 iter_num, best_val_loss, saved_iter = 0, 1e9, None  # saved_iter: the iteration out_dir's ckpt.pt holds
 train_s = 0.0  # seconds of training steps so far (a first step's compile included), evals and checkpoints left out
 if checkpoint is not None:  # a resumed run
     iter_num = saved_iter = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
     train_s = checkpoint.get('train_s', 0.0)  # checkpoints of the earlier nanoMoE have none
-    saved_optimizer = checkpoint.get('config', {}).get('optimizer', 'adamw')  # nanoGPT's runs: AdamW
-    if optimizer != saved_optimizer:  # the saved state is the other optimizer's, which this one cannot load
-        fail(f"optimizer='{optimizer}' but {ckpt_path} was trained with '{saved_optimizer}': resume with "
-             f"--optimizer={saved_optimizer}, or start a new run from its weights with --init_from={out_dir}")
 model_args = asdict(cfg)  # what the checkpoint needs to build the model again
 # what runs is what the run records (ckpt.pt's config, run.json): the model's keys, given or saved
 config.update({k: model_args[k] for k in model_keys})
@@ -312,14 +308,10 @@ def get_lr(it):
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
     return min_lr + coeff * (learning_rate - min_lr)
 
-def checkpoint_status():
-    """ Returns which iteration out_dir's checkpoint holds, for the closing and the interrupted lines """
+def checkpoint_status(saved_iter):
+    """ Returns which iteration out_dir's checkpoint holds (saved_iter, None for none), for the closing and the
+    interrupted lines """
     return f"{ckpt_path} holds iter {saved_iter}" if saved_iter is not None else "no checkpoint yet"
-
-def on_interrupt(signum, frame):
-    """ Notes a Ctrl-C, seen by one process or all, so that every process stops at the next log step """
-    global interrupted
-    interrupted = True
 
 def stop_together(code, line, file=sys.stdout):
     """ Ends the run where every process decided to, on the same all-reduced values. Rank 0 prints line while
@@ -349,8 +341,9 @@ run_log = RunLog(log_path if keeps_log else None, iter_num, max_iters, tokens_pe
                  cfg.use_router_z_loss)
 if master_process and wandb_log:
     run_log.start_wandb(project=wandb_project, name=wandb_run_name, config=config)
-interrupted = False
-signal.signal(signal.SIGINT, on_interrupt)
+# a Ctrl-C, seen by one process or all, only sets the flag: every process stops at the next log step
+interrupted = threading.Event()
+signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
 
 # training loop
 t0 = time.time()
@@ -421,7 +414,7 @@ while True:
         # One all-reduce of every process's last micro-batch loss and of whether it saw a Ctrl-C, at log steps
         # alone, so that all processes stop at the same iteration, whichever of them saw the reason.
         status = torch.zeros(ddp_world_size + 1, device=device)
-        status[ddp_rank], status[-1] = loss.detach(), interrupted
+        status[ddp_rank], status[-1] = loss.detach(), interrupted.is_set()
         if ddp:
             torch.distributed.all_reduce(status)
         *step_losses, interrupts = status.tolist()
@@ -430,7 +423,8 @@ while True:
         if interrupts:
             how_to_go_on = f"continue with --init_from=resume --out_dir={out_dir}" if saved_iter is not None else \
                 "start it again"
-            stop_together(130, f"\ninterrupted at iter {iter_num}: {checkpoint_status()}; {how_to_go_on}")
+            stop_together(130, f"\ninterrupted at iter {iter_num}: {checkpoint_status(saved_iter)}; "
+                               f"{how_to_go_on}")
     if iter_num % log_interval == 0 and master_process:
         fwdbwd_per_iter = batch_size * gradient_accumulation_steps
         mfu = raw_model.estimate_mfu(fwdbwd_per_iter, dt, peak_flops) if peak_flops else None
@@ -443,8 +437,8 @@ while True:
 
 if master_process:
     if not eval_only:
-        print(f"best val loss {best_val_loss:.4f}; {checkpoint_status()}; {train_s:.0f} s of training steps, "
-              f"{time.time() - t_start:.0f} s in all")
+        print(f"best val loss {best_val_loss:.4f}; {checkpoint_status(saved_iter)}; "
+              f"{train_s:.0f} s of training steps, {time.time() - t_start:.0f} s in all")
     run_log.close()
 if ddp:
     torch.distributed.barrier()  # the processes leave together

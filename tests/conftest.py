@@ -1,7 +1,10 @@
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,6 +15,24 @@ import pytest
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# `--dist loadfile` hands each worker a whole file at a time. xdist sends the files with the most tests first,
+# which leaves the long files of a few torchrun tests to the end, where one worker runs them while the other
+# idles. Sending the longest first (Graham's LPT rule, https://doi.org/10.1137/0117039) ends the two together.
+LONGEST_FILES_FIRST = ['test_export.py', 'test_fsdp.py', 'test_expert_parallel.py', 'test_processes.py',
+                       'test_train.py', 'test_model.py', 'test_sample.py', 'test_moe_layer.py',
+                       'test_reliability.py', 'test_data.py', 'test_bench.py', 'test_hellaswag.py']
+
+
+def pytest_configure(config):
+    if hasattr(config.option, 'loadscopereorder'):
+        config.option.loadscopereorder = False  # keep the order below
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
 
 # GPT-2's BPE files for tiktoken: TIKTOKEN_CACHE_DIR if set, else the offline copy beside the repository.
 # The tests that tokenize with GPT-2's BPE skip without them; every other test makes the text it needs
@@ -79,11 +100,46 @@ def workdir(tmp_path_factory):
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']  # 2 processes
 
 
+_warm = {}  # this worker's tests/warm_python.py, started by its first run_python
+
+
+def _stop_warm():
+    _warm['process'].stdin.close()  # which ends its loop
+    _warm['process'].wait()
+    _warm['process'].stdout.close()
+    shutil.rmtree(_warm['dir'], ignore_errors=True)
+
+
+def run_python(cmd, cwd, env=None, timeout=300):
+    """ subprocess.run(cmd, cwd, env, capture_output=True, text=True, timeout) where cmd is `python script args`
+    or `python -c code args`: run by a child of tests/warm_python.py, which has imported torch already. Any other
+    command (torchrun), or one whose PYTHON* variables (read as an interpreter starts) differ from this process's,
+    runs as a subprocess of its own """
+    env = dict(env if env is not None else os.environ)
+    startup = {k for k in [*env, *os.environ] if k.startswith('PYTHON') and env.get(k) != os.environ.get(k)}
+    if cmd[0] != sys.executable or cmd[1].startswith('-') and cmd[1] != '-c' or startup:
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if 'process' not in _warm:
+        _warm['process'] = subprocess.Popen([sys.executable, os.path.join(ROOT, 'tests', 'warm_python.py')],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                            env=dict(os.environ, OMP_NUM_THREADS='1'))
+        _warm['dir'] = tempfile.mkdtemp()
+        atexit.register(_stop_warm)
+    process, out, err = _warm['process'], os.path.join(_warm['dir'], 'out'), os.path.join(_warm['dir'], 'err')
+    code, argv = (cmd[2], cmd[3:]) if cmd[1] == '-c' else (None, cmd[1:])
+    request = dict(cwd=str(cwd), env=env, argv=[str(a) for a in argv], code=code, out=out, err=err,
+                   timeout=timeout)
+    process.stdin.write(json.dumps(request) + '\n')
+    process.stdin.flush()
+    returncode = json.loads(process.stdout.readline())['returncode']
+    with open(out) as f_out, open(err) as f_err:
+        return subprocess.CompletedProcess(cmd, returncode, f_out.read(), f_err.read())
+
+
 def train(cwd, *args, launcher=None, check=True):
     """ train.py with args in cwd; launcher: what runs it instead of python, e.g. torchrun """
     cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, 'train.py'), *args]
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS='1'))
+    p = run_python(cmd, cwd, env=dict(os.environ, OMP_NUM_THREADS='1'))
     if check:
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return p

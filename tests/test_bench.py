@@ -8,20 +8,18 @@ import functools
 import json
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, run_python
 TINY = ['--device=cpu', '--compile=False', '--real_data=False', '--vocab_size=64', '--batch_size=2',
         '--block_size=16', '--n_layer=2', '--n_head=2', '--n_embd=32', '--n_exp=4', '--num_steps=2']
 
 
 def bench(*args, cwd=ROOT):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), *TINY, *args], cwd=cwd,
-                       capture_output=True, text=True, timeout=300)
+    p = run_python([sys.executable, os.path.join(ROOT, 'bench.py'), *TINY, *args], cwd)
     return p.returncode, p.stdout, p.stderr.strip()
 
 

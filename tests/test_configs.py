@@ -5,7 +5,6 @@ config keys, each with the type of its default.
 import os
 import ast
 import builtins
-import subprocess
 import sys
 from dataclasses import fields
 
@@ -14,7 +13,7 @@ import torch
 
 from model import GPTConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, run_python
 CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, 'config')) if f.endswith('.py'))
 
 def train_py_defaults():
@@ -50,6 +49,5 @@ def test_config_file_sets_only_train_py_keys_with_their_types(tmp_path, name):
     script = tmp_path / 'script.py'
     defaults = '\n'.join(f'{k} = {v!r}' for k, v in TRAIN_KEYS.items())
     script.write_text(SCRIPT.format(defaults=defaults, configurator=os.path.join(ROOT, 'configurator.py')))
-    p = subprocess.run([sys.executable, str(script), os.path.join(ROOT, 'config', name)],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    p = run_python([sys.executable, str(script), os.path.join(ROOT, 'config', name)], tmp_path)
     assert p.returncode == 0 and p.stderr == '', p.stderr

@@ -2,12 +2,11 @@
 configurator.py run the way train.py runs it: exec'd into a script's globals, as a subprocess.
 """
 import os
-import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, run_python
 
 SCRIPT = """
 batch_size = 12
@@ -23,8 +22,7 @@ print('RESULT', repr((batch_size, learning_rate, compile, device, n_exp)))
 def run(tmp_path, *args):
     script = tmp_path / 'script.py'
     script.write_text(SCRIPT.format(configurator=os.path.join(ROOT, 'configurator.py')))
-    p = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=tmp_path,
-                       timeout=300)
+    p = run_python([sys.executable, str(script), *args], tmp_path)
     result = [line for line in p.stdout.splitlines() if line.startswith('RESULT')]
     return p.returncode, (eval(result[0][7:]) if result else None), p.stderr.strip()
 
@@ -41,8 +39,7 @@ def test_each_config_file_and_the_command_line_print_one_line_of_the_keys_they_s
     script = tmp_path / 'script.py'
     script.write_text(SCRIPT.format(configurator=os.path.join(ROOT, 'configurator.py')) +
                       "print(sorted(given_keys))\n")
-    p = subprocess.run([sys.executable, str(script), 'cfg.py', '--device=cpu', '--compile=False'],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    p = run_python([sys.executable, str(script), 'cfg.py', '--device=cpu', '--compile=False'], tmp_path)
     assert p.stdout.splitlines()[:2] == ["cfg.py sets batch_size=32, n_exp=12",
                                          "the command line sets device=cpu, compile=False"]
     assert p.stdout.splitlines()[-1] == "['batch_size', 'compile', 'device', 'n_exp']"  # learning_rate not given

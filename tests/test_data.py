@@ -7,13 +7,12 @@ import os
 import glob
 import json
 import pickle
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, TIKTOKEN_CACHE, needs_gpt2_bpe, generated_text
+from conftest import ROOT, TIKTOKEN_CACHE, needs_gpt2_bpe, generated_text, run_python
 
 
 def prepare(name, tmp_path, *args, runner=(), env=None):
@@ -22,8 +21,7 @@ def prepare(name, tmp_path, *args, runner=(), env=None):
     if 'HTTPS_PROXY' in (env or {}):  # no network: the hub client must try it, not be told it is offline
         env.pop('HF_HUB_OFFLINE', None)
     script = os.path.join(ROOT, 'data', name, 'prepare.py')
-    return subprocess.run([sys.executable, *runner, script, *args], capture_output=True, text=True, cwd=tmp_path,
-                          env=env, timeout=300)
+    return run_python([sys.executable, *runner, script, *args], tmp_path, env=env)
 
 
 def gpt2():

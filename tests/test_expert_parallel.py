@@ -5,14 +5,13 @@ a user runs it, against one process with the same global batch; and the checkpoi
 import copy
 import os
 import re
-import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import ROOT, TORCHRUN, TINY, MOE, train, logged, assert_muon_runs_agree
+from conftest import ROOT, TORCHRUN, TINY, MOE, train, logged, assert_muon_runs_agree, run_python
 
 TORCHRUN_4 = [*TORCHRUN[:-1], '--nproc_per_node=4']  # two EP groups of 2: the replicas' all-reduce runs
 # accumulation 2 per process under torchrun, 4 on one process; a clip that acts (its norm counts every expert)
@@ -82,9 +81,8 @@ def test_ep_resumes_across_one_process_and_samples(workdir):
     assert [i for i, _ in logged(ep, 'val_loss')] == [0, 2, 4, 6, 8]
     assert_muon_runs_agree(ep, single)
     assert_same_evals(ep, single, tolerance=1e-4)
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--out_dir={ep}', '--device=cpu',
-                        '--num_samples=1', '--max_new_tokens=40'], cwd=workdir, capture_output=True,
-                       text=True, timeout=120)
+    p = run_python([sys.executable, os.path.join(ROOT, 'sample.py'), f'--out_dir={ep}', '--device=cpu',
+                    '--num_samples=1', '--max_new_tokens=40'], workdir, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert len(p.stdout.strip()) >= 40
 

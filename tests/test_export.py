@@ -21,7 +21,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from conftest import ROOT, TIKTOKEN_CACHE, generated_text, needs_gpt2_bpe
+from conftest import ROOT, TIKTOKEN_CACHE, generated_text, needs_gpt2_bpe, run_python
 import hellaswag
 from checkpoint import load_checkpoint, load_weights, model_from_checkpoint
 from model import GPT, GPTConfig
@@ -234,9 +234,8 @@ def test_train_py_init_from_an_exported_dir_trains_on_from_its_weights(exported)
     args = ['--dataset=shakespeare_char', '--device=cpu', '--compile=False', '--block_size=64', '--batch_size=2',
             '--max_iters=1', '--eval_interval=1', '--eval_iters=1', '--learning_rate=0', '--min_lr=0',
             '--warmup_iters=0', '--lr_decay_iters=1', '--gradient_accumulation_steps=1', '--bias_update_speed=0']
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), f"--init_from={runs['moe_char']['dir']}",
-                        '--out_dir=again', *args], cwd=work, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS='1'))
+    p = run_python([sys.executable, os.path.join(ROOT, 'train.py'), f"--init_from={runs['moe_char']['dir']}",
+                    '--out_dir=again', *args], work, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     again = model_from_checkpoint(load_checkpoint(work / 'again' / 'ckpt.pt', 'cpu')).eval()
     assert asdict(again.config) == {**asdict(runs['moe_char']['model'].config), 'bias_update_speed': 0}

@@ -3,13 +3,12 @@ train.py with fsdp=True (FSDP2): torchrun on 2 CPU processes (gloo), run as a us
 """
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, TORCHRUN, TINY, MOE, train, logged, assert_muon_runs_agree
+from conftest import ROOT, TORCHRUN, TINY, MOE, train, logged, assert_muon_runs_agree, run_python
 
 AUX_FREE = ['--use_aux_free_bias=True', '--bias_update_speed=0.01']
 
@@ -63,8 +62,8 @@ def test_fsdp_resume_is_exact_and_its_checkpoints_resume_on_one_process_and_samp
     train(workdir, *args, '--fsdp=True', f'--out_dir={split}', '--max_iters=16', '--init_from=resume', launcher=TORCHRUN)
     assert torch.load(split / 'ckpt.pt', weights_only=True)['iter_num'] == 16
     assert [i for i, _ in logged(split, 'val_loss')] == [0, 4, 8, 12, 16]  # a resume evaluates first, in place of the eval it repeats
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--out_dir={split}', '--device=cpu',
-                        '--num_samples=1', '--max_new_tokens=40'], cwd=workdir, capture_output=True, text=True, timeout=120)
+    p = run_python([sys.executable, os.path.join(ROOT, 'sample.py'), f'--out_dir={split}', '--device=cpu',
+                    '--num_samples=1', '--max_new_tokens=40'], workdir, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert len(p.stdout.strip()) >= 40  # 40 characters of a char-level model, decoded with its meta.pkl
 

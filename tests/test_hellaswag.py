@@ -4,7 +4,6 @@ HellaSwag scoring (hellaswag.py), its data (data/hellaswag/prepare.py) and train
 """
 import json
 import os
-import subprocess
 import sys
 from dataclasses import asdict
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import ROOT, TORCHRUN, TINY, TIKTOKEN_CACHE, needs_gpt2_bpe, train
+from conftest import ROOT, TORCHRUN, TINY, TIKTOKEN_CACHE, needs_gpt2_bpe, train, run_python
 import hellaswag
 from model import GPT, GPTConfig
 from tokenizer import gpt2_encoding
@@ -185,8 +184,7 @@ def test_char_level_dataset_with_hellaswag_is_one_error_line(workdir):
 
 def prepare(tmp_path, *args):
     script = os.path.join(ROOT, 'data', 'hellaswag', 'prepare.py')
-    return subprocess.run([sys.executable, script, f'--out_dir={tmp_path / "out"}', *args],
-                          capture_output=True, text=True, timeout=60)
+    return run_python([sys.executable, script, f'--out_dir={tmp_path / "out"}', *args], os.getcwd(), timeout=60)
 
 
 def test_prepare_takes_a_local_file(tmp_path):

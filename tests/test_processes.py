@@ -26,7 +26,8 @@ def patched(tmp_path, patch):
     return [*TORCHRUN, str(script)]
 
 
-def test_an_error_the_late_rank_0_never_reaches_is_said_once_by_rank_1(workdir, tmp_path):
+def test_an_error_the_late_rank_0_never_reaches_is_said_once_by_rank_1_naming_what_to_add(workdir, tmp_path):
+    # the micro-steps of an iteration are split over the processes: 3 rounds up to the next multiple of 2
     launcher = patched(tmp_path, "if rank == 0:\n    time.sleep(10)  # a slow disk: rank 1 meets the error first")
     p = train(workdir, *ARGS, '--gradient_accumulation_steps=3', f'--out_dir={tmp_path}/out', launcher=launcher,
               check=False)

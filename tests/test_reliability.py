@@ -6,13 +6,12 @@ import os
 import sys
 import json
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, MOE, train
+from conftest import ROOT, TINY, MOE, train, run_python
 
 TRAIN_PY = os.path.join(ROOT, 'train.py')
 
@@ -47,8 +46,7 @@ def dense_run(workdir):
 
 def fails_with(cwd, args, message, launcher_code=None):
     cmd = [sys.executable, TRAIN_PY, *args] if launcher_code is None else [sys.executable, '-c', launcher_code]
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS='1'))
+    p = run_python(cmd, cwd, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert p.returncode != 0
     assert 'Traceback' not in p.stderr, p.stderr
     assert message is None or p.stderr.strip().splitlines()[-1] == message
@@ -183,6 +181,7 @@ KILLED_MID_SAVE = """
 def dying_save(obj, f, *args, **kwargs):
     with open(f, 'wb') as fh:
         fh.write(b'PK\\x03\\x04 half a checkpoint')
+    sys.stdout.flush()  # the 'saving checkpoint' line, also where stdout is block-buffered (no PYTHONUNBUFFERED)
     os._exit(9)  # killed while writing
 torch.save = dying_save
 """
@@ -193,10 +192,9 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(workdir, trained
     out = tmp_path / 'out'
     shutil.copytree(trained, out)  # a checkpoint at iteration 4
     before = load_checkpoint(out / 'ckpt.pt', 'cpu')
-    p = subprocess.run([sys.executable, '-c', launcher([*TINY, f'--out_dir={out}', '--init_from=resume',
-                                                         '--max_iters=8', '--eval_interval=4'], KILLED_MID_SAVE)],
-                       cwd=workdir, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS='1'))
+    p = run_python([sys.executable, '-c', launcher([*TINY, f'--out_dir={out}', '--init_from=resume',
+                                                     '--max_iters=8', '--eval_interval=4'], KILLED_MID_SAVE)],
+                   workdir, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert p.returncode == 9 and 'saving checkpoint' in p.stdout
     after = load_checkpoint(out / 'ckpt.pt', 'cpu')
     assert after['iter_num'] == before['iter_num'] == 4
@@ -227,8 +225,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(workdir, trained, tmp_pat
     # resumed at iteration 4: training forwards 7 on are those of iterations 10 on
     args = [*TINY, *MOE, f'--out_dir={out}', '--init_from=resume', '--max_iters=14', '--eval_interval=4',
             f'--log_interval={log_interval}']
-    p = subprocess.run([sys.executable, '-c', launcher(args, NAN_FROM_ITER_10)], cwd=workdir, capture_output=True,
-                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    p = run_python([sys.executable, '-c', launcher(args, NAN_FROM_ITER_10)], workdir,
+                   env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert p.returncode == 1
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith(message), last
@@ -343,8 +341,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_train_and_sample(workdir
     torch.save({**checkpoint, 'extra': RunsCode(str(marker))}, out / 'ckpt.pt')
     message = f"error: {out}/ckpt.pt holds a pickled object (io.open) that could run code as it loads: refused."
     assert fails_with(workdir, [*TINY, f'--out_dir={out}', '--init_from=resume'], None).stderr.startswith(message)
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--out_dir={out}', '--device=cpu'],
-                       cwd=workdir, capture_output=True, text=True, timeout=120)
+    p = run_python([sys.executable, os.path.join(ROOT, 'sample.py'), f'--out_dir={out}', '--device=cpu'], workdir,
+                   timeout=120)
     assert p.returncode == 1 and p.stderr.startswith(message), p.stderr
     assert not marker.exists()
 
@@ -361,8 +359,8 @@ def test_float16_steps_the_scaler_skips_move_no_routing_bias_and_no_muon_momentu
     out = tmp_path / 'out'
     args = [*TINY, *MOE, '--use_aux_free_bias=True', '--bias_update_speed=0.01', '--dtype=float16',
             '--optimizer=muon', f'--out_dir={out}', '--max_iters=3', '--eval_interval=3']
-    p = subprocess.run([sys.executable, '-c', launcher(args, SKIP_EVERY_STEP)], cwd=workdir, capture_output=True,
-                       text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+    p = run_python([sys.executable, '-c', launcher(args, SKIP_EVERY_STEP)], workdir,
+                   env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert p.returncode == 0, p.stderr[-2000:]
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['scaler']['scale'] == 2.0 ** 97  # 2^100 halved by the skipped steps at iterations 0, 1 and 2
@@ -378,7 +376,7 @@ def test_wandb_that_cannot_log_stops_before_writing_anything(workdir, tmp_path, 
     argv = [*TINY, f'--out_dir={out}', '--wandb_log=True']
     cmd = [sys.executable, TRAIN_PY, *argv] if installed else \
         [sys.executable, '-c', launcher(argv, "sys.modules['wandb'] = None")]  # import wandb fails
-    p = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=120)
+    p = run_python(cmd, workdir, env=env, timeout=120)
     assert p.returncode == 1 and not out.exists()
     problem = "wandb is not installed: pip install wandb" if not installed else \
         f"wandb is not logged in (no WANDB_API_KEY, no api.wandb.ai in {tmp_path}/.netrc): " \
@@ -395,8 +393,8 @@ model.GPT.__init__ = stop
 
 def setup_output(cwd, argv):
     """ what train.py prints with argv up to building the model, where it stops """
-    p = subprocess.run([sys.executable, '-c', launcher(argv, STOP_BEFORE_THE_MODEL)], cwd=cwd, text=True,
-                       capture_output=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=120)
+    p = run_python([sys.executable, '-c', launcher(argv, STOP_BEFORE_THE_MODEL)], cwd,
+                   env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=120)
     assert p.returncode == 3, p.stderr
     return p.stdout
 

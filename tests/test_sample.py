@@ -7,7 +7,6 @@ and its one-line errors.
 import ast
 import os
 import pickle
-import subprocess
 import sys
 from dataclasses import asdict
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from conftest import ROOT, TIKTOKEN_CACHE, needs_gpt2_bpe
+from conftest import ROOT, TIKTOKEN_CACHE, needs_gpt2_bpe, run_python
 CHARS = sorted("\n abcdefghijklmnopqrstuvwxyz.,!")
 
 
@@ -45,8 +44,7 @@ def sample(tmp_path, *args, script=os.path.join(ROOT, 'sample.py'), **env):
     # one thread: on a busy 2-core machine, OpenMP threads waiting on each other make these tiny
     # forwards several times slower
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TIKTOKEN_CACHE_DIR': TIKTOKEN_CACHE, **env}
-    return subprocess.run([sys.executable, script, '--device=cpu', *args],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    return run_python([sys.executable, script, '--device=cpu', *args], tmp_path, env=env)
 
 
 # sample.py run in a process that then reports what its output cannot show: the dtypes of the
