@@ -19,7 +19,7 @@ import torch  # noqa: F401
 import torch._dynamo  # noqa: F401
 
 # torch._dynamo imports tqdm, which takes `time` from the time module as it loads: the scripts import it afresh, so
-# that a test's clock patched before the import reaches tqdm's progress bars as it does in a fresh interpreter
+# that a clock a test patches ahead of that import reaches tqdm's progress bars, as in a fresh interpreter
 for name in [m for m in sys.modules if m == 'tqdm' or m.startswith('tqdm.')]:
     del sys.modules[name]
 
